@@ -1,0 +1,34 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## make .venv and install gpurun editable with the test extra
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)  ## run three real jobs on the sample config's 4 declared GPUs
+	bash examples/demo.sh
+
+test: $(STAMP)  ## run the whole test suite
+	$(BIN)/pytest -q
+
+lint: $(STAMP)  ## check style with ruff
+	$(BIN)/ruff check gpurun tests examples
+	$(BIN)/ruff format --check gpurun tests examples
+
+format: $(STAMP)  ## reformat with ruff
+	$(BIN)/ruff format gpurun tests examples
+	$(BIN)/ruff check --fix gpurun tests examples
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,3 @@
+from gpurun.cli import entry
+
+entry()

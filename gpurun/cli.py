@@ -1,0 +1,282 @@
+"""The `gpurun` command line: parse, call one command, print, pick the exit code.
+
+`main(argv)` is the only place that prints errors and chooses exit codes. The run path imports
+the other commands' modules only when they are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gpurun import __version__
+from gpurun.errors import (
+    BusyError,
+    CommandError,
+    GpurunError,
+    Interrupted,
+    UsageError,
+)
+
+COMMANDS = ("run", "ps", "gc", "status", "kill", "reset")
+
+EXIT_USAGE = 2
+EXIT_BUSY = 75
+EXIT_FAILURE = 125
+EXIT_INTERRUPTED = 130
+
+USAGE = """\
+usage: gpurun [run] [-g N] [-c N] [--gpu-ids IDS] [-n NAME] [--no-wait] [--timeout S] -- COMMAND
+       gpurun ps [-a] [--json]
+       gpurun gc [--dry-run] [--json]
+       gpurun status [--json]
+       gpurun kill JOB [-s SIGNAL]
+       gpurun reset [--yes] [--force]
+
+Reserve GPUs and CPUs on this server, run COMMAND pinned to them, free them when it ends.
+Every command takes --config PATH and -v. 'gpurun COMMAND --help' says more.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake raises UsageError instead of printing and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got '{text}'")
+    return value
+
+
+def _gpu_ids(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected GPU ids like 0,3, got '{text}'")
+    ids = tuple(int(p) for p in parts)
+    if len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"a GPU id is listed twice in '{text}'")
+    return ids
+
+
+def _name(text: str) -> str:
+    if not text or not text.isprintable() or len(text) > 200:
+        raise argparse.ArgumentTypeError("expected a printable name of 1-200 characters")
+    return text
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help="config file (default: searched)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what gpurun does")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command."""
+    if command == "run":
+        p = _Parser(prog="gpurun run", description="Run COMMAND with reserved GPUs and CPUs.")
+        p.add_argument("-g", "--gpus", type=_count, help="number of GPUs (default 0)")
+        p.add_argument("-c", "--cpus", type=_count,
+                       help="number of CPUs (default: cpus_per_gpu for each GPU, 1 with no GPU; "
+                            "0 means no pinning)")
+        p.add_argument("--gpu-ids", type=_gpu_ids, metavar="IDS", help="exactly these GPUs")
+        p.add_argument("-n", "--name", type=_name, help="job name (default: the command's)")
+        p.add_argument("--no-wait", action="store_true", help="exit 75 at once when busy")
+        p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                       help="exit 75 if it cannot start within SECONDS")
+        _common(p)
+        p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+        return p
+    if command == "ps":
+        p = _Parser(prog="gpurun ps", description="List live jobs.")
+        p.add_argument("-a", "--all", action="store_true", help="also finished jobs")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "gc":
+        p = _Parser(prog="gpurun gc", description="Drop leases whose processes are gone.")
+        p.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "status":
+        p = _Parser(prog="gpurun status", description="Show who holds which GPUs and CPUs.")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "kill":
+        p = _Parser(prog="gpurun kill", description="Signal every process of a job.")
+        p.add_argument("job", help="job id or name")
+        p.add_argument("-s", "--signal", default="TERM",
+                       help="signal name or number (default TERM; TERM, INT, HUP and QUIT are "
+                            "followed by KILL after kill_grace)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "reset":
+        p = _Parser(prog="gpurun reset", description="Move the ledger aside and start a new one.")
+        p.add_argument("--yes", action="store_true", help="do not ask")
+        p.add_argument("--force", action="store_true", help="even while live jobs hold leases")
+    else:
+        raise UsageError(f"unknown command '{command}'")
+    _common(p)
+    return p
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """Which command `argv` names, and the rest; anything else is `run`.
+
+    Leading --config/-v may come before the command name.
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-v", "--verbose") or arg.startswith("--config="):
+            i += 1
+        elif arg == "--config":
+            i += 2
+        else:
+            break
+    if i < len(argv) and argv[i] in COMMANDS:
+        return argv[i], argv[:i] + argv[i + 1 :]
+    return "run", argv
+
+
+def _split_run(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run gpurun with `argv` (default sys.argv[1:]); return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = False
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            return 0 if argv else EXIT_USAGE
+        if argv[0] == "--version":
+            print(f"gpurun {__version__}")
+            return 0
+        command, rest = split_command(argv)
+        if command == "run":
+            options, tail = _split_run(rest)
+            args = build_parser("run").parse_args(options)
+            args.command = [*args.command, *tail]
+            if args.command[:1] == ["--"]:
+                args.command = args.command[1:]
+        else:
+            args = build_parser(command).parse_args(rest)
+        verbose = args.verbose
+        if verbose:
+            _configure_logging()
+        return _dispatch(command, args)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except BusyError as exc:
+        return _fail(str(exc), EXIT_BUSY)
+    except CommandError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except Interrupted as exc:
+        return _fail(str(exc), 128 + exc.signum)
+    except GpurunError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was reserved", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        return _fail(f"internal error: {exc!r}; run with -v for details and report it",
+                     EXIT_FAILURE)
+
+
+def _dispatch(command: str, args: argparse.Namespace) -> int:
+    from gpurun.config import load_config
+
+    if command == "run":
+        return _run(args, load_config(args.config))
+    config = load_config(args.config)
+    from gpurun import jobs, render
+
+    if command == "ps":
+        rows = jobs.list_jobs(config, include_finished=args.all)
+        print(render.to_json(rows) if args.json else render.jobs_table(rows))
+    elif command == "gc":
+        dropped = jobs.collect_garbage(config, dry_run=args.dry_run)
+        print(render.to_json(dropped) if args.json else render.gc_text(dropped, args.dry_run))
+    elif command == "status":
+        status = jobs.server_status(config)
+        print(render.to_json(status) if args.json else render.status_text(status))
+    elif command == "kill":
+        result = jobs.kill_job(config, args.job, jobs.parse_signal(args.signal))
+        if args.json:
+            print(render.to_json(result))
+        else:
+            print(f"job {result['id']} ({result['name']}): sent {', '.join(result['signals'])}")
+    elif command == "reset":
+        if not args.yes and not _confirm(f"Start a new ledger in {config.state_dir}?"):
+            raise UsageError("reset not confirmed; nothing was changed (use --yes to skip "
+                             "the question)")
+        result = jobs.reset_ledger(config, force=args.force)
+        moved = result["moved_to"]
+        print(f"new ledger {result['ledger']}" + (f"; the old one is {moved}" if moved else ""))
+    return 0
+
+
+def _run(args: argparse.Namespace, config: object) -> int:
+    from gpurun.launch import run_job
+    from gpurun.placement import Request
+
+    if not args.command:
+        raise UsageError("no command given; put it after --, as in 'gpurun -g 1 -- python "
+                         "train.py'")
+    gpus = args.gpus
+    if args.gpu_ids is not None:
+        if gpus is not None and gpus != len(args.gpu_ids):
+            raise UsageError(f"-g {gpus} disagrees with --gpu-ids {args.gpu_ids}; give one")
+        gpus = len(args.gpu_ids)
+    gpus = gpus or 0
+    cpus = args.cpus
+    if cpus is None:
+        cpus = max(1, gpus * config.cpus_per_gpu)
+        cpus = min(cpus, len(config.cpus)) if config.cpus else 0
+    request = Request(gpus=gpus, cpus=cpus, gpu_ids=args.gpu_ids)
+    return run_job(config, request, args.command, name=args.name, wait=not args.no_wait,
+                   timeout=args.timeout)
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _configure_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG, format="gpurun: %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"gpurun: {message}\n")
+    return code
+
+
+def entry() -> None:
+    """The console script."""
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Find, read and check `gpurun.yaml`.
+
+The config is read on every launch, so this module imports PyYAML only when a file exists and
+builds a `Config` namedtuple, not a dataclass: `dataclasses` alone costs more to import than
+the interpreter takes to start (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+
+from gpurun.cpulist import online_cpus, parse_cpulist
+from gpurun.errors import ConfigError
+
+SEARCH_PATHS = (
+    "./gpurun.yaml",
+    "~/.config/gpurun/gpurun.yaml",
+    "/etc/gpurun/gpurun.yaml",
+)
+DEFAULT_STATE_DIR = "/tmp/gpurun"
+KEYS = ("state_dir", "gpus", "cpus", "cpus_per_gpu", "lock_timeout", "kill_grace")
+
+_ConfigBase = namedtuple(
+    "_ConfigBase",
+    "path state_dir server gpus cpus cpus_per_gpu lock_timeout kill_grace",
+)
+
+
+class Config(_ConfigBase):
+    """The checked settings of one run.
+
+    path: the file read ("" for built-in defaults); state_dir: str; server: this host's short
+    name, which names its ledger; gpus, cpus: sorted tuples of ids; cpus_per_gpu: int;
+    lock_timeout, kill_grace: float seconds.
+    """
+
+    __slots__ = ()
+
+
+def find_config_path(explicit: str | None) -> str | None:
+    """Return the config file to read: `--config`, `$GPURUN_CONFIG`, then the search paths."""
+    if explicit:
+        return explicit
+    from_env = os.environ.get("GPURUN_CONFIG")
+    if from_env:
+        return from_env
+    for candidate in SEARCH_PATHS:
+        path = os.path.expanduser(candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_config(explicit: str | None = None) -> Config:
+    """Read and check the config; raise ConfigError naming the file, key and line."""
+    path = find_config_path(explicit)
+    raw: dict[str, object] = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        raw, lines = _read_yaml(path)
+    return build_config(raw, path or "", lines)
+
+
+def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None = None) -> Config:
+    """Check the parsed keys and fill in defaults."""
+    lines = lines or {}
+    where = path or "built-in defaults"
+
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(where, problem, key=key, line=lines.get(key, 0))
+
+    for key in raw:
+        if key not in KEYS:
+            known = ", ".join(KEYS)
+            raise fail(str(key), f"unknown key; the known keys are {known}")
+
+    state_dir = os.environ.get("GPURUN_STATE_DIR") or raw.get("state_dir", DEFAULT_STATE_DIR)
+    if not isinstance(state_dir, str) or not state_dir.strip():
+        raise fail("state_dir", "must be a folder path")
+    state_dir = os.path.expanduser(state_dir)
+    if path and not os.path.isabs(state_dir):
+        state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
+
+    try:
+        gpus = _gpu_ids(raw.get("gpus", "auto"))
+    except ValueError as exc:
+        raise fail("gpus", str(exc)) from None
+    try:
+        cpus = _cpu_ids(raw.get("cpus", "auto"))
+    except ValueError as exc:
+        raise fail("cpus", str(exc)) from None
+
+    per_gpu = raw.get("cpus_per_gpu", "auto")
+    if per_gpu == "auto":
+        per_gpu = len(cpus) // len(gpus) if gpus else 0
+    elif not _is_int(per_gpu) or per_gpu < 0:
+        raise fail("cpus_per_gpu", f"must be 'auto' or a whole number >= 0, not {per_gpu!r}")
+
+    lock_timeout = raw.get("lock_timeout", 60)
+    if not _is_number(lock_timeout) or lock_timeout <= 0:
+        raise fail("lock_timeout", f"must be a number of seconds > 0, not {lock_timeout!r}")
+    kill_grace = raw.get("kill_grace", 10)
+    if not _is_number(kill_grace) or kill_grace < 0:
+        raise fail("kill_grace", f"must be a number of seconds >= 0, not {kill_grace!r}")
+
+    server = os.uname().nodename.split(".")[0] or "localhost"
+    return Config(
+        path=path,
+        state_dir=state_dir,
+        server=server,
+        gpus=tuple(gpus),
+        cpus=tuple(cpus),
+        cpus_per_gpu=int(per_gpu),
+        lock_timeout=float(lock_timeout),
+        kill_grace=float(kill_grace),
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _id_list(value: object, what: str) -> list[int]:
+    """Check a YAML list of ids: whole numbers >= 0, no duplicates."""
+    assert isinstance(value, list)
+    ids: list[int] = []
+    for item in value:
+        if not _is_int(item) or item < 0:
+            raise ValueError(f"{what} ids must be whole numbers >= 0, not {item!r}")
+        if item in ids:
+            raise ValueError(f"{what} id {item} is listed twice")
+        ids.append(item)
+    return sorted(ids)
+
+
+def _gpu_ids(value: object) -> list[int]:
+    if value == "auto":
+        from gpurun.gpus import discover_gpu_ids
+
+        return discover_gpu_ids()
+    if _is_int(value):
+        if value < 0:
+            raise ValueError(f"a GPU count must be >= 0, not {value}")
+        return list(range(value))
+    if isinstance(value, list):
+        return _id_list(value, "GPU")
+    if isinstance(value, str) and "," in value:
+        raise ValueError(
+            f"YAML reads {value} as the string '{value}', not a list; "
+            f"write a list: gpus: [{value.replace(',', ', ')}]"
+        )
+    raise ValueError(f"must be 'auto', a count or a list of ids like [0, 2, 3], not {value!r}")
+
+
+def _cpu_ids(value: object) -> list[int]:
+    host = online_cpus()
+    if value == "auto":
+        return sorted(os.sched_getaffinity(0))
+    if _is_int(value):
+        if value < 0:
+            raise ValueError(f"a CPU count must be >= 0, not {value}")
+        ids = list(range(value))
+    elif isinstance(value, list):
+        ids = _id_list(value, "CPU")
+    elif isinstance(value, str):
+        if ":" in value:
+            raise ValueError(
+                f"'{value}' is not a cpulist; unquoted, YAML 1.1 would read it as a base-60 "
+                f"number; write a quoted range like \"{value.replace(':', '-')}\""
+            )
+        ids = parse_cpulist(value)
+    else:
+        raise ValueError(f"must be 'auto', a count, a list or a cpulist like \"0-7\", not {value!r}")
+    missing = sorted(set(ids) - set(host))
+    if missing:
+        from gpurun.cpulist import format_cpulist
+
+        raise ValueError(
+            f"this host has no CPU {format_cpulist(missing)}; it has CPUs {format_cpulist(host)}"
+        )
+    return ids
+
+
+class _Sexagesimal(str):
+    """The text of a YAML 1.1 base-60 integer such as 16:31, kept as written."""
+
+
+def _read_yaml(path: str) -> tuple[dict[str, object], dict[str, int]]:
+    """Parse the file; return the top-level mapping and the line of each top-level key."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_yaml_int(self, node: yaml.ScalarNode) -> object:
+            if ":" in str(node.value):
+                return _Sexagesimal(node.value)
+            return super().construct_yaml_int(node)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(path, f"cannot read the config file: {reason}") from None
+
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        problem = exc.problem or exc.context or "not valid YAML"
+        raise ConfigError(path, f"not valid YAML: {problem}", line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "the top level must be a mapping of keys such as 'gpus: 4'", line=1)
+    lines = {
+        str(key.value): key.start_mark.line + 1
+        for key, _ in node.value
+        if isinstance(key, yaml.ScalarNode)
+    }
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(path, f"key {key!r} is not a name", line=lines.get(str(key), 0))
+    return data, lines

@@ -1,0 +1,276 @@
+"""The commands that look at and change leases: ps, gc, status, kill, reset.
+
+Each returns plain data (lists and dicts ready for JSON); `render` turns it into text.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from gpurun import liveness
+from gpurun.config import Config
+from gpurun.cpulist import format_cpulist
+from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
+from gpurun.launch import forget_dead, reap_dead
+from gpurun.ledger import Lease, Ledger, State
+
+# Signals after which `kill` sends SIGKILL to what is left once kill_grace has passed.
+ESCALATE = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def open_ledger(config: Config) -> Ledger:
+    return Ledger(config.state_dir, config.server, config.lock_timeout)
+
+
+def iso_time(when: float | None) -> str | None:
+    """Local time in ISO 8601 with its UTC offset, to the second."""
+    if when is None:
+        return None
+    from datetime import datetime
+
+    return datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds")
+
+
+def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
+    """A live or dead lease as `ps --json` shows it."""
+    pids = {h.role: h.pid for h in lease.holders}
+    return {
+        "id": lease.id,
+        "name": lease.name,
+        "user": lease.user,
+        "host": lease.host,
+        "pid": pids.get("command", pids.get("gpurun")),
+        "gpus": list(lease.gpus),
+        "cpus": list(lease.cpus),
+        "state": lease.state if alive else "dead",
+        "kind": lease.kind,
+        "started": iso_time(lease.started or lease.created),
+        "elapsed": round(now - (lease.started or lease.created), 3),
+        "command": list(lease.command),
+    }
+
+
+def history_view(record: dict[str, object]) -> dict[str, object]:
+    """A finished job from history as `ps -a --json` shows it."""
+    view = {key: record.get(key) for key in ("id", "name", "user", "host", "pid", "gpus",
+                                             "cpus", "state", "kind", "command")}
+    started = record.get("started") or record.get("created")
+    view["started"] = iso_time(started) if isinstance(started, (int, float)) else None
+    ended = record.get("ended")
+    view["ended"] = iso_time(ended) if isinstance(ended, (int, float)) else None
+    view["elapsed"] = record.get("duration")
+    view["exit_code"] = record.get("exit_code")
+    return view
+
+
+def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, object]]:
+    """Live jobs, oldest first; with include_finished, the finished ones before them."""
+    ledger = open_ledger(config)
+    state = ledger.read()
+    now = time.time()
+    rows = []
+    if include_finished:
+        rows.extend(history_view(r) for r in ledger.read_history())
+    for lease in state.leases:
+        alive = liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
+        rows.append(lease_view(lease, alive, now))
+    return rows
+
+
+def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, object]]:
+    """Drop every dead lease (only report them with dry_run); return what was dropped."""
+    ledger = open_ledger(config)
+    now = time.time()
+    if dry_run:
+        state = ledger.read()
+        dead = [lease for lease in state.leases
+                if not liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)]
+    else:
+        ledger.ensure_dirs()
+        with ledger.transaction() as state:
+            dead = reap_dead(ledger, state, now)
+        forget_dead(ledger, dead, now)
+    return [lease_view(lease, False, now) for lease in dead]
+
+
+def server_status(config: Config) -> dict[str, object]:
+    """This server's GPUs and CPUs, free and held, and by which job."""
+    ledger = open_ledger(config)
+    state = ledger.read()
+    now = time.time()
+    views = [lease_view(lease, liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now),
+                        now) for lease in state.leases]
+    gpu_holder: dict[int, dict[str, object]] = {}
+    cpu_holder: dict[int, dict[str, object]] = {}
+    for view in views:
+        for gpu in view["gpus"]:
+            gpu_holder[gpu] = view
+        for cpu in view["cpus"]:
+            cpu_holder[cpu] = view
+    gpus = []
+    for gpu in config.gpus:
+        holder = gpu_holder.get(gpu)
+        gpus.append({
+            "id": gpu,
+            "state": "free" if holder is None else ("held" if holder["state"] != "dead"
+                                                    else "dead"),
+            "job": None if holder is None else holder["id"],
+            "user": None if holder is None else holder["user"],
+            "name": None if holder is None else holder["name"],
+        })
+    cpu_groups = []
+    for view in views:
+        if view["cpus"]:
+            cpu_groups.append({"cpus": format_cpulist(view["cpus"]), "count": len(view["cpus"]),
+                               "job": view["id"], "user": view["user"], "name": view["name"],
+                               "state": "held" if view["state"] != "dead" else "dead"})
+    free_cpus = [c for c in config.cpus if c not in cpu_holder]
+    if free_cpus:
+        cpu_groups.append({"cpus": format_cpulist(free_cpus), "count": len(free_cpus),
+                           "job": None, "user": None, "name": None, "state": "free"})
+    server = {
+        "name": config.server,
+        "address": os.uname().nodename,
+        "labels": [],
+        "gpus_total": len(config.gpus),
+        "gpus_free": [g["id"] for g in gpus if g["state"] == "free"],
+        "cpus_total": len(config.cpus),
+        "cpus_free": len(free_cpus),
+        "jobs": len(views),
+        "state": "ok",
+        "gpus": gpus,
+        "cpus": cpu_groups,
+        "leases": views,
+    }
+    return {"servers": [server]}
+
+
+def find_lease(state: State, ref: str) -> Lease:
+    """The lease named by `ref`: a job id, or a name that only one lease has."""
+    if ref.isdigit():
+        lease = state.find(int(ref))
+        if lease is None:
+            raise NotFoundError(f"no job {ref} in the ledger; 'gpurun ps' lists the live jobs")
+        return lease
+    matches = [lease for lease in state.leases if lease.name == ref]
+    if not matches:
+        raise NotFoundError(f"no job named '{ref}'; 'gpurun ps' lists the live jobs")
+    if len(matches) > 1:
+        ids = ", ".join(str(lease.id) for lease in matches)
+        raise NotFoundError(f"{len(matches)} jobs are named '{ref}' ({ids}); name one by id")
+    return matches[0]
+
+
+def parse_signal(text: str) -> signal.Signals:
+    """A signal from 'TERM', 'SIGTERM' or '15'."""
+    try:
+        if text.isdigit():
+            return signal.Signals(int(text))
+        name = text.upper()
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except (KeyError, ValueError):
+        raise UsageError(f"unknown signal '{text}'; use a name like TERM or a number") from None
+
+
+def kill_job(config: Config, ref: str, signum: signal.Signals = signal.SIGTERM) -> dict[str, object]:
+    """Signal every process of a job; after TERM-like signals, KILL what is left after the
+    grace period. Returns the job as `ps` shows it, with the signals sent."""
+    ledger = open_ledger(config)
+    lease = find_lease(ledger.read(), ref)
+    if os.getuid() not in (0, lease.uid):
+        raise RefusedError(f"job {lease.id} belongs to {lease.user}; only its owner or root "
+                           "may kill it")
+    if lease.kind != "job":
+        raise UsageError(f"{lease.id} is a reservation, not a job; use 'gpurun release'")
+
+    sent = [signum.name]
+    _signal_job(lease, signum)
+    if signum in ESCALATE:
+        if not _wait_gone(lease, config.kill_grace):
+            _signal_job(lease, signal.SIGKILL)
+            sent.append("SIGKILL")
+            _wait_gone(lease, 5.0)
+        _wait_released(ledger, lease, 5.0)
+    view = lease_view(lease, True, time.time())
+    view["signals"] = sent
+    return view
+
+
+def _job_processes(lease: Lease) -> list[int]:
+    """The job's processes now: below its live gpurun, else its command and what is below."""
+    holders = {h.role: h for h in lease.holders}
+    gpurun = holders.get("gpurun")
+    if gpurun is not None and liveness.holder_alive(gpurun.pid, gpurun.start):
+        return liveness.descendants(gpurun.pid)
+    command = holders.get("command")
+    if command is not None and liveness.holder_alive(command.pid, command.start):
+        return [command.pid, *liveness.descendants(command.pid)]
+    return []
+
+
+def _signal_job(lease: Lease, signum: int) -> None:
+    for pid in _job_processes(lease):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise RefusedError(f"not allowed to signal pid {pid} of job {lease.id}") from None
+
+
+def _wait_gone(lease: Lease, seconds: float) -> bool:
+    """Wait until the job has no processes left; True if that happened in time."""
+    deadline = time.monotonic() + seconds
+    while _job_processes(lease):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _wait_released(ledger: Ledger, lease: Lease, seconds: float) -> None:
+    """Give the job's gpurun time to free the lease; reap it ourselves if gpurun is gone."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ledger.read().find(lease.id) is None:
+            return
+        time.sleep(0.02)
+    now = time.time()
+    with ledger.transaction() as state:
+        dead = reap_dead(ledger, state, now)
+    forget_dead(ledger, dead, now)
+
+
+def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
+    """Move the ledger aside (kept, timestamped) and start an empty one.
+
+    Refuses while live jobs hold leases, unless `force`; a ledger that cannot be read is
+    moved aside as it is.
+    """
+    ledger = open_ledger(config)
+    ledger.ensure_dirs()
+    fd = ledger.lock()
+    try:
+        next_id = 1
+        try:
+            state = ledger.read()
+        except LedgerError:
+            state = None
+        if state is not None:
+            now = time.time()
+            live = [lease for lease in state.leases
+                    if liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)]
+            if live and not force:
+                ids = ", ".join(str(lease.id) for lease in live)
+                raise GpurunError(f"{len(live)} live jobs hold leases ({ids}); end them first "
+                                  "or use 'gpurun reset --force'")
+            next_id = state.next_id
+        next_id = max(next_id, ledger.last_history_id() + 1)
+        aside = ledger.move_aside()
+        ledger.write(State([], next_id, 0.0))
+    finally:
+        os.close(fd)
+    return {"ledger": ledger.path, "moved_to": aside}
+

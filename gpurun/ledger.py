@@ -1,0 +1,450 @@
+"""The ledger: one JSON file per server that records its leases, changed only under a lock.
+
+Files in the state dir, for a server named S:
+
+- `S.json`: the ledger. Every change is read-modify-write under the lock, written to a
+  temporary file in the same folder, fsynced and renamed over the old one, so a reader without
+  the lock sees the old state or the new one, never a torn file.
+- `S.json.lock`: the lock, taken with flock(2). It is the same lock filelock's UnixFileLock
+  takes, but gpurun takes it itself: importing filelock costs 45-110 ms, several times the
+  interpreter's start (bench/README.md). The file is never deleted, so a crash leaves nothing
+  that blocks anyone; the kernel drops the lock with its holder.
+- `S.history.jsonl`: finished jobs, one JSON object a line, only ever appended.
+- `jobs/S.ID.lock`: each job's lock (see liveness.py).
+
+Records are namedtuples rather than frozen dataclasses because `dataclasses` costs more to
+import than the whole launch may take. Schema rule: any new field bumps SCHEMA; a gpurun reads
+older schemas and refuses newer ones, so an old gpurun never drops fields it does not know.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections import namedtuple
+
+from gpurun.errors import LedgerError
+from gpurun.log import get_logger
+
+log = get_logger(__name__)
+
+SCHEMA = 1
+
+_HolderBase = namedtuple("_HolderBase", "pid start role")
+_LeaseBase = namedtuple(
+    "_LeaseBase",
+    "id kind state name user uid host gpus cpus command created started holders boot expires",
+)
+
+
+class Holder(_HolderBase):
+    """A process a lease belongs to: pid (int), start (clock ticks since boot, int) and role
+    ("gpurun" for the supervising gpurun, "command" for the job's first process)."""
+
+    __slots__ = ()
+
+
+class Lease(_LeaseBase):
+    """What a job or reservation holds.
+
+    id: int, unique per server; kind: "job" or "reservation"; state: "running"; name, user,
+    host: str; uid: int; gpus, cpus: tuples of ids; command: tuple of str; created, started:
+    Unix times (started None until the command runs); holders: tuple of Holder; boot: the boot
+    id the holders' start times count from; expires: Unix time or None.
+    """
+
+    __slots__ = ()
+
+    def to_json(self) -> dict[str, object]:
+        record = self._asdict()
+        record["gpus"] = list(self.gpus)
+        record["cpus"] = list(self.cpus)
+        record["command"] = list(self.command)
+        record["holders"] = [h._asdict() for h in self.holders]
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, object]) -> Lease:
+        """Build a lease from its JSON object; raise ValueError when it is malformed."""
+        try:
+            lease = cls(
+                id=_int(record["id"]),
+                kind=_choice(record["kind"], ("job", "reservation")),
+                state=_choice(record["state"], ("running",)),
+                name=_str(record["name"]),
+                user=_str(record["user"]),
+                uid=_int(record["uid"]),
+                host=_str(record["host"]),
+                gpus=tuple(_int(i) for i in record["gpus"]),
+                cpus=tuple(_int(i) for i in record["cpus"]),
+                command=tuple(_str(a) for a in record["command"]),
+                created=_num(record["created"]),
+                started=None if record["started"] is None else _num(record["started"]),
+                holders=tuple(
+                    Holder(_int(h["pid"]), _int(h["start"]), _str(h["role"]))
+                    for h in record["holders"]
+                ),
+                boot=_str(record["boot"]),
+                expires=None if record["expires"] is None else _num(record["expires"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"lease {record!r:.80} is malformed ({exc!r})") from None
+        return lease
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _num(value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def _choice(value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise TypeError(f"{value!r} is not one of {allowed}")
+    return str(value)
+
+
+class State:
+    """The ledger's content while a transaction holds the lock; `changed` marks it for writing."""
+
+    __slots__ = ("changed", "heartbeat", "leases", "next_id")
+
+    def __init__(self, leases: list[Lease], next_id: int, heartbeat: float) -> None:
+        self.leases = leases
+        self.next_id = next_id
+        self.heartbeat = heartbeat
+        self.changed = False
+
+    def add(self, lease: Lease) -> None:
+        self.leases.append(lease)
+        self.changed = True
+
+    def replace(self, lease: Lease) -> None:
+        self.leases = [lease if old.id == lease.id else old for old in self.leases]
+        self.changed = True
+
+    def remove(self, lease_id: int) -> Lease | None:
+        for i, old in enumerate(self.leases):
+            if old.id == lease_id:
+                del self.leases[i]
+                self.changed = True
+                return old
+        return None
+
+    def take_id(self) -> int:
+        lease_id = self.next_id
+        self.next_id += 1
+        self.changed = True
+        return lease_id
+
+    def find(self, lease_id: int) -> Lease | None:
+        for lease in self.leases:
+            if lease.id == lease_id:
+                return lease
+        return None
+
+
+class Ledger:
+    """The files of one server's ledger in `state_dir`."""
+
+    def __init__(self, state_dir: str, server: str, lock_timeout: float = 60.0) -> None:
+        self.state_dir = state_dir
+        self.server = server
+        self.lock_timeout = lock_timeout
+        self.path = os.path.join(state_dir, f"{server}.json")
+        self.lock_path = self.path + ".lock"
+        self.history_path = os.path.join(state_dir, f"{server}.history.jsonl")
+        self.jobs_dir = os.path.join(state_dir, "jobs")
+
+    def job_lock_path(self, lease_id: int) -> str:
+        return os.path.join(self.jobs_dir, f"{self.server}.{lease_id}.lock")
+
+    def ensure_dirs(self) -> None:
+        """Create the state dir and `jobs/` so that every user can write them.
+
+        Both are mode 0777 without the sticky bit, set after mkdir so no umask narrows them:
+        the ledger is replaced by rename, and in a sticky folder only a file's owner may rename
+        over it (and fs.protected_regular refuses an O_CREAT open of another user's file).
+        """
+        for folder in (self.state_dir, self.jobs_dir):
+            try:
+                os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+                os.mkdir(folder, 0o777)
+                os.chmod(folder, 0o777)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise LedgerError(folder, "exists and is not a folder; set state_dir to a "
+                                      "folder path") from None
+            except OSError as exc:
+                raise LedgerError(folder, f"cannot create the state folder: {exc.strerror}; "
+                                  "set state_dir or $GPURUN_STATE_DIR to a writable "
+                                  "folder") from None
+
+    def read(self) -> State:
+        """Read the ledger without the lock (a consistent snapshot, thanks to rename)."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return State([], 1, 0.0)
+        except OSError as exc:
+            raise LedgerError(self.path, f"cannot read the ledger: {exc.strerror}") from None
+        return self._parse(data)
+
+    def _parse(self, data: bytes) -> State:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or not isinstance(doc.get("schema"), int):
+                raise ValueError("it has no schema version")
+            schema = doc["schema"]
+            if schema > SCHEMA:
+                raise LedgerError(
+                    self.path,
+                    f"was written by a newer gpurun (schema {schema}; this one reads up to "
+                    f"{SCHEMA}); nothing was changed; upgrade gpurun on this host",
+                )
+            if schema < 1:
+                raise ValueError(f"schema {schema} is not one gpurun ever wrote")
+            leases = [Lease.from_json(r) for r in doc["leases"]]
+            next_id = _int(doc["next_id"])
+            heartbeat = _num(doc.get("heartbeat", 0.0))
+        except LedgerError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise LedgerError(
+                self.path,
+                f"the ledger cannot be read ({str(exc)[:120]}); nothing was changed; run "
+                "'gpurun reset' to move it aside and start a new one",
+            ) from None
+        return State(leases, max(next_id, 1), heartbeat)
+
+    def transaction(self) -> Transaction:
+        """`with ledger.transaction() as state:` read-modify-write under the lock."""
+        return Transaction(self)
+
+    def write(self, state: State) -> None:
+        """Replace the ledger atomically; on failure the old file is left byte for byte."""
+        state.heartbeat = time.time()
+        head = json.dumps(
+            {"schema": SCHEMA, "server": self.server, "heartbeat": state.heartbeat,
+             "next_id": state.next_id},
+            separators=(",", ":"),
+        )
+        lines = ",\n".join(json.dumps(lease.to_json(), separators=(",", ":"))
+                           for lease in state.leases)
+        text = head[:-1] + ',"leases":[\n' + lines + "\n]}\n"
+        self._write_atomic(self.path, text.encode())
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o666)
+            try:
+                os.fchmod(fd, 0o666)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise LedgerError(path, f"cannot write the ledger ({exc.strerror}); it was left "
+                              "as it was; free space or fix the state folder's "
+                              "permissions") from None
+
+    def lock(self) -> int:
+        """Take the ledger lock, waiting up to lock_timeout; return the descriptor to unlock."""
+        fd = self._open_lock_file()
+        deadline = time.monotonic() + self.lock_timeout
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                os.close(fd)
+                raise LedgerError(self.lock_path, f"cannot lock: {exc.strerror}") from None
+            if time.monotonic() >= deadline:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise LedgerError(
+                    self.lock_path,
+                    f"still locked after lock_timeout ({self.lock_timeout:g} s){holder}; "
+                    "if that process is stuck, end it or raise lock_timeout",
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _open_lock_file(self) -> int:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(3):
+            try:
+                return os.open(self.lock_path, flags)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise LedgerError(self.lock_path, f"cannot open the lock: {exc.strerror}; "
+                                  "check the state folder's permissions") from None
+            try:
+                fd = os.open(self.lock_path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                self.ensure_dirs()
+                continue
+            except OSError as exc:
+                raise LedgerError(self.lock_path, f"cannot create the lock: {exc.strerror}; "
+                                  "check the state folder's permissions") from None
+            os.fchmod(fd, 0o666)
+            return fd
+        raise LedgerError(self.lock_path, "the lock file keeps vanishing; is something deleting "
+                          "files in the state folder?")
+
+    def append_history(self, records: list[dict[str, object]]) -> None:
+        """Append finished jobs to the history file in one write."""
+        if not records:
+            return
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        try:
+            fd = os.open(self.history_path,
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o666)
+        except OSError as exc:
+            log.warning("cannot append to %s: %s", self.history_path, exc.strerror)
+            return
+        try:
+            info = os.fstat(fd)
+            if info.st_uid == os.geteuid() and info.st_mode & 0o777 != 0o666:
+                os.fchmod(fd, 0o666)
+            os.write(fd, data)
+        except OSError as exc:
+            log.warning("cannot append to %s: %s", self.history_path, exc.strerror)
+        finally:
+            os.close(fd)
+
+    def read_history(self) -> list[dict[str, object]]:
+        """All finished jobs, oldest first; a torn or foreign line is skipped."""
+        try:
+            with open(self.history_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise LedgerError(self.history_path, f"cannot read: {exc.strerror}") from None
+        records = []
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.debug("skipping a torn history line in %s", self.history_path)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def last_history_id(self) -> int:
+        """The highest job id among the last history lines (0 when there are none)."""
+        try:
+            with open(self.history_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 65536))
+                tail = f.read()
+        except OSError:
+            return 0
+        best = 0
+        for line in tail.splitlines():
+            try:
+                value = json.loads(line).get("id")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, int):
+                best = max(best, value)
+        return best
+
+    def move_aside(self) -> str | None:
+        """Rename the ledger to a timestamped name beside it; return that name (None if absent)."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = f"{self.path}.{stamp}.bak"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LedgerError(self.path, f"cannot move the ledger aside: {exc.strerror}") from None
+        return aside
+
+
+class Transaction:
+    """Holds the ledger lock; on a clean exit writes the state if it changed."""
+
+    __slots__ = ("fd", "ledger", "state")
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.fd = -1
+        self.state: State | None = None
+
+    def __enter__(self) -> State:
+        self.fd = self.ledger.lock()
+        try:
+            self.state = self.ledger.read()
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self.state
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        try:
+            if kind is None and self.state is not None and self.state.changed:
+                self.ledger.write(self.state)
+        finally:
+            os.close(self.fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """Describe the process holding the flock on `fd`'s file, from /proc/locks, if visible."""
+    try:
+        info = os.fstat(fd)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        device_inode = parts[5].split(":")
+        if len(device_inode) == 3 and device_inode[2].isdigit() \
+                and int(device_inode[2]) == info.st_ino:
+            pid = parts[4]
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                cmd = ""
+            return f"; held by pid {pid}" + (f" ({cmd[:60]})" if cmd else "")
+    return ""

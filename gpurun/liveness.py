@@ -1,0 +1,141 @@
+"""Is a lease's job still there? The rule that decides when GPUs come back.
+
+A lease is dead only when every sign of its job is provably gone; when unsure, it is kept
+("fail closed"), as filelock and psutil judge stale holders. The signs are:
+
+- each holder, a (pid, start time) pair: the pid alone is not enough, since Linux reuses pids.
+  The start time is field 22 of /proc/PID/stat (clock ticks since boot), compared exactly.
+  A zombie is not alive. A pid that /proc hides from us (mounted with hidepid) but that
+  kill(pid, 0) answers with EPERM is another user's live process: kept.
+- the job lock, a file the launching gpurun locks with flock(2) and passes on to the command
+  as an open descriptor. The kernel frees the lock when the last process holding that
+  descriptor is gone, so it covers the moment between starting the command and recording its
+  pid, a gpurun killed with SIGKILL, and processes we cannot see.
+- the boot: start times count from boot, so a lease recorded under another boot id is dead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+_boot_id: str | None = None
+
+
+def boot_id() -> str:
+    """This boot's id from /proc/sys/kernel/random/boot_id ("" where the kernel has none)."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _boot_id = f.read().strip()
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
+def process_start(pid: int) -> int | None:
+    """Return the start time of a live process in clock ticks since boot, or None.
+
+    None means gone or a zombie. Raises PermissionError when the process exists but /proc
+    does not show it to us.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            raise PermissionError(pid) from None
+        return None
+    # The command name in field 2 may hold spaces and parentheses; fields after it are fixed.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def holder_alive(pid: int, start: int) -> bool:
+    """True while the process `pid` that started at `start` runs (or cannot be ruled out)."""
+    try:
+        return process_start(pid) == start
+    except PermissionError:
+        return True
+
+
+def job_lock_held(path: str) -> bool:
+    """True while some process holds the job lock at `path`.
+
+    A missing file is "not held"; the pids decide then. An error other than "locked" keeps
+    the lease (fail closed).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def lock_job(path: str) -> int:
+    """Create and lock the job lock at `path`; return its descriptor, inheritable by the job."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Any user's gpurun must be able to test this lock, whatever our umask.
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o666)
+        os.set_inheritable(fd, True)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lease_alive(lease: object, lock_path: str, now: float) -> bool:
+    """Apply the rule above to a ledger `Lease`; a reservation lives until it expires."""
+    if lease.kind == "reservation":
+        return lease.expires is None or now < lease.expires
+    if lease.boot != boot_id():
+        return False
+    if any(holder_alive(h.pid, h.start) for h in lease.holders):
+        return True
+    return job_lock_held(lock_path)
+
+
+def descendants(root: int) -> list[int]:
+    """The pids of every live process below `root`, parents before children.
+
+    Reads each /proc/PID/stat once; a process that ends meanwhile is skipped.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop(0)
+        for child in children.get(parent, ()):
+            found.append(child)
+            frontier.append(child)
+    return found

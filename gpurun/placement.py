@@ -1,0 +1,81 @@
+"""Where a request goes: which GPUs and CPUs of a server, given what leases hold.
+
+Pure functions over ids, so the rules are tested without processes or files.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+from gpurun.cpulist import format_cpulist
+from gpurun.errors import CapacityError
+
+_RequestBase = namedtuple("_RequestBase", "gpus cpus gpu_ids")
+
+
+class Request(_RequestBase):
+    """What a job asks for: gpus (count), cpus (count), gpu_ids (tuple of exact ids or None)."""
+
+    __slots__ = ()
+
+
+def check_possible(request: Request, gpus: tuple[int, ...], cpus: tuple[int, ...]) -> None:
+    """Raise CapacityError when the request could never fit this server, even empty."""
+    have = f"this server has {len(gpus)} GPUs ({_ids(gpus)}) and {len(cpus)} CPUs ({_cpus(cpus)})"
+    if request.gpu_ids is not None:
+        unknown = [i for i in request.gpu_ids if i not in gpus]
+        if unknown:
+            raise CapacityError(f"no GPU {','.join(map(str, unknown))}: {have}")
+    if request.gpus > len(gpus):
+        raise CapacityError(f"asked for {request.gpus} GPUs but {have}")
+    if request.cpus > len(cpus):
+        raise CapacityError(f"asked for {request.cpus} CPUs but {have}")
+
+
+def place(
+    request: Request,
+    gpus: tuple[int, ...],
+    cpus: tuple[int, ...],
+    held_gpus: set[int],
+    held_cpus: set[int],
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Choose GPUs and CPUs for the request among the free ones, or None if it does not fit.
+
+    GPUs: the exact ids asked for, else the lowest free ids. CPUs: the lowest run of
+    consecutive free ids long enough, else the lowest free ids.
+    """
+    free_gpus = [g for g in gpus if g not in held_gpus]
+    if request.gpu_ids is not None:
+        if any(g not in free_gpus for g in request.gpu_ids):
+            return None
+        chosen_gpus = tuple(request.gpu_ids)
+    else:
+        if len(free_gpus) < request.gpus:
+            return None
+        chosen_gpus = tuple(free_gpus[: request.gpus])
+
+    free_cpus = [c for c in cpus if c not in held_cpus]
+    if len(free_cpus) < request.cpus:
+        return None
+    return chosen_gpus, tuple(pick_cpus(free_cpus, request.cpus))
+
+
+def pick_cpus(free: list[int], count: int) -> list[int]:
+    """The lowest run of `count` consecutive ids in sorted `free`, else its first `count`."""
+    if count == 0:
+        return []
+    run_start = 0
+    for i in range(1, len(free) + 1):
+        if i - run_start >= count:
+            return free[run_start : run_start + count]
+        if i < len(free) and free[i] != free[i - 1] + 1:
+            run_start = i
+    return free[:count]
+
+
+def _ids(ids: tuple[int, ...]) -> str:
+    return ",".join(map(str, ids)) or "none"
+
+
+def _cpus(ids: tuple[int, ...]) -> str:
+    return format_cpulist(ids) or "none"
