@@ -14,10 +14,10 @@ trap 'rm -rf "$GPURUN_STATE_DIR"' EXIT
 echo "== two jobs with 2 GPUs and 1 CPU each, started together"
 "$GPURUN" -g 2 -c 1 -n first -- "$PY" examples/work.py first 4 &
 "$GPURUN" -g 2 -c 1 -n second -- "$PY" examples/work.py second 4 &
-sleep 1
+until [ "$("$GPURUN" ps | grep -c running)" -ge 2 ]; do sleep 0.1; done
 echo "== a third job asking for 1 GPU must wait for them"
 "$GPURUN" -g 1 -c 1 -n third -- "$PY" examples/work.py third 1 &
-sleep 1
+sleep 0.5
 echo "== gpurun ps while they run"
 "$GPURUN" ps
 echo "== gpurun status"

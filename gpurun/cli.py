@@ -88,14 +88,22 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "run":
         p = _Parser(prog="gpurun run", description="Run COMMAND with reserved GPUs and CPUs.")
         p.add_argument("-g", "--gpus", type=_count, help="number of GPUs (default 0)")
-        p.add_argument("-c", "--cpus", type=_count,
-                       help="number of CPUs (default: cpus_per_gpu for each GPU, 1 with no GPU; "
-                            "0 means no pinning)")
+        p.add_argument(
+            "-c",
+            "--cpus",
+            type=_count,
+            help="number of CPUs (default: cpus_per_gpu for each GPU, 1 with no GPU; "
+            "0 means no pinning)",
+        )
         p.add_argument("--gpu-ids", type=_gpu_ids, metavar="IDS", help="exactly these GPUs")
         p.add_argument("-n", "--name", type=_name, help="job name (default: the command's)")
         p.add_argument("--no-wait", action="store_true", help="exit 75 at once when busy")
-        p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
-                       help="exit 75 if it cannot start within SECONDS")
+        p.add_argument(
+            "--timeout",
+            type=_seconds,
+            metavar="SECONDS",
+            help="exit 75 if it cannot start within SECONDS",
+        )
         _common(p)
         p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
         return p
@@ -113,9 +121,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     elif command == "kill":
         p = _Parser(prog="gpurun kill", description="Signal every process of a job.")
         p.add_argument("job", help="job id or name")
-        p.add_argument("-s", "--signal", default="TERM",
-                       help="signal name or number (default TERM; TERM, INT, HUP and QUIT are "
-                            "followed by KILL after kill_grace)")
+        p.add_argument(
+            "-s",
+            "--signal",
+            default="TERM",
+            help="signal name or number (default TERM; TERM, INT, HUP and QUIT are "
+            "followed by KILL after kill_grace)",
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "reset":
         p = _Parser(prog="gpurun reset", description="Move the ledger aside and start a new one.")
@@ -198,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        return _fail(f"internal error: {exc!r}; run with -v for details and report it",
-                     EXIT_FAILURE)
+        return _fail(
+            f"internal error: {exc!r}; run with -v for details and report it", EXIT_FAILURE
+        )
 
 
 def _dispatch(command: str, args: argparse.Namespace) -> int:
@@ -227,8 +240,9 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             print(f"job {result['id']} ({result['name']}): sent {', '.join(result['signals'])}")
     elif command == "reset":
         if not args.yes and not _confirm(f"Start a new ledger in {config.state_dir}?"):
-            raise UsageError("reset not confirmed; nothing was changed (use --yes to skip "
-                             "the question)")
+            raise UsageError(
+                "reset not confirmed; nothing was changed (use --yes to skip the question)"
+            )
         result = jobs.reset_ledger(config, force=args.force)
         moved = result["moved_to"]
         print(f"new ledger {result['ledger']}" + (f"; the old one is {moved}" if moved else ""))
@@ -240,8 +254,9 @@ def _run(args: argparse.Namespace, config: object) -> int:
     from gpurun.placement import Request
 
     if not args.command:
-        raise UsageError("no command given; put it after --, as in 'gpurun -g 1 -- python "
-                         "train.py'")
+        raise UsageError(
+            "no command given; put it after --, as in 'gpurun -g 1 -- python train.py'"
+        )
     gpus = args.gpus
     if args.gpu_ids is not None:
         if gpus is not None and gpus != len(args.gpu_ids):
@@ -253,8 +268,9 @@ def _run(args: argparse.Namespace, config: object) -> int:
         cpus = max(1, gpus * config.cpus_per_gpu)
         cpus = min(cpus, len(config.cpus)) if config.cpus else 0
     request = Request(gpus=gpus, cpus=cpus, gpu_ids=args.gpu_ids)
-    return run_job(config, request, args.command, name=args.name, wait=not args.no_wait,
-                   timeout=args.timeout)
+    return run_job(
+        config, request, args.command, name=args.name, wait=not args.no_wait, timeout=args.timeout
+    )
 
 
 def _confirm(question: str) -> bool:
@@ -268,8 +284,9 @@ def _confirm(question: str) -> bool:
 def _configure_logging() -> None:
     import logging
 
-    logging.basicConfig(level=logging.DEBUG, format="gpurun: %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG, format="gpurun: %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def _fail(message: str, code: int) -> int:

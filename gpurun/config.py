@@ -171,11 +171,13 @@ def _cpu_ids(value: object) -> list[int]:
         if ":" in value:
             raise ValueError(
                 f"'{value}' is not a cpulist; unquoted, YAML 1.1 would read it as a base-60 "
-                f"number; write a quoted range like \"{value.replace(':', '-')}\""
+                f'number; write a quoted range like "{value.replace(":", "-")}"'
             )
         ids = parse_cpulist(value)
     else:
-        raise ValueError(f"must be 'auto', a count, a list or a cpulist like \"0-7\", not {value!r}")
+        raise ValueError(
+            f"must be 'auto', a count, a list or a cpulist like \"0-7\", not {value!r}"
+        )
     missing = sorted(set(ids) - set(host))
     if missing:
         from gpurun.cpulist import format_cpulist

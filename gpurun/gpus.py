@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from gpurun.log import get_logger
 import os
 import shutil
+
+from gpurun.log import get_logger
 
 log = get_logger(__name__)
 

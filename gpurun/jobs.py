@@ -54,8 +54,10 @@ def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
 
 def history_view(record: dict[str, object]) -> dict[str, object]:
     """A finished job from history as `ps -a --json` shows it."""
-    view = {key: record.get(key) for key in ("id", "name", "user", "host", "pid", "gpus",
-                                             "cpus", "state", "kind", "command")}
+    view = {
+        key: record.get(key)
+        for key in ("id", "name", "user", "host", "pid", "gpus", "cpus", "state", "kind", "command")
+    }
     started = record.get("started") or record.get("created")
     view["started"] = iso_time(started) if isinstance(started, (int, float)) else None
     ended = record.get("ended")
@@ -85,8 +87,11 @@ def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, obj
     now = time.time()
     if dry_run:
         state = ledger.read()
-        dead = [lease for lease in state.leases
-                if not liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)]
+        dead = [
+            lease
+            for lease in state.leases
+            if not liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
+        ]
     else:
         ledger.ensure_dirs()
         with ledger.transaction() as state:
@@ -100,8 +105,10 @@ def server_status(config: Config) -> dict[str, object]:
     ledger = open_ledger(config)
     state = ledger.read()
     now = time.time()
-    views = [lease_view(lease, liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now),
-                        now) for lease in state.leases]
+    views = [
+        lease_view(lease, liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now), now)
+        for lease in state.leases
+    ]
     gpu_holder: dict[int, dict[str, object]] = {}
     cpu_holder: dict[int, dict[str, object]] = {}
     for view in views:
@@ -112,24 +119,42 @@ def server_status(config: Config) -> dict[str, object]:
     gpus = []
     for gpu in config.gpus:
         holder = gpu_holder.get(gpu)
-        gpus.append({
-            "id": gpu,
-            "state": "free" if holder is None else ("held" if holder["state"] != "dead"
-                                                    else "dead"),
-            "job": None if holder is None else holder["id"],
-            "user": None if holder is None else holder["user"],
-            "name": None if holder is None else holder["name"],
-        })
+        gpus.append(
+            {
+                "id": gpu,
+                "state": "free"
+                if holder is None
+                else ("held" if holder["state"] != "dead" else "dead"),
+                "job": None if holder is None else holder["id"],
+                "user": None if holder is None else holder["user"],
+                "name": None if holder is None else holder["name"],
+            }
+        )
     cpu_groups = []
     for view in views:
         if view["cpus"]:
-            cpu_groups.append({"cpus": format_cpulist(view["cpus"]), "count": len(view["cpus"]),
-                               "job": view["id"], "user": view["user"], "name": view["name"],
-                               "state": "held" if view["state"] != "dead" else "dead"})
+            cpu_groups.append(
+                {
+                    "cpus": format_cpulist(view["cpus"]),
+                    "count": len(view["cpus"]),
+                    "job": view["id"],
+                    "user": view["user"],
+                    "name": view["name"],
+                    "state": "held" if view["state"] != "dead" else "dead",
+                }
+            )
     free_cpus = [c for c in config.cpus if c not in cpu_holder]
     if free_cpus:
-        cpu_groups.append({"cpus": format_cpulist(free_cpus), "count": len(free_cpus),
-                           "job": None, "user": None, "name": None, "state": "free"})
+        cpu_groups.append(
+            {
+                "cpus": format_cpulist(free_cpus),
+                "count": len(free_cpus),
+                "job": None,
+                "user": None,
+                "name": None,
+                "state": "free",
+            }
+        )
     server = {
         "name": config.server,
         "address": os.uname().nodename,
@@ -174,14 +199,17 @@ def parse_signal(text: str) -> signal.Signals:
         raise UsageError(f"unknown signal '{text}'; use a name like TERM or a number") from None
 
 
-def kill_job(config: Config, ref: str, signum: signal.Signals = signal.SIGTERM) -> dict[str, object]:
+def kill_job(
+    config: Config, ref: str, signum: signal.Signals = signal.SIGTERM
+) -> dict[str, object]:
     """Signal every process of a job; after TERM-like signals, KILL what is left after the
     grace period. Returns the job as `ps` shows it, with the signals sent."""
     ledger = open_ledger(config)
     lease = find_lease(ledger.read(), ref)
     if os.getuid() not in (0, lease.uid):
-        raise RefusedError(f"job {lease.id} belongs to {lease.user}; only its owner or root "
-                           "may kill it")
+        raise RefusedError(
+            f"job {lease.id} belongs to {lease.user}; only its owner or root may kill it"
+        )
     if lease.kind != "job":
         raise UsageError(f"{lease.id} is a reservation, not a job; use 'gpurun release'")
 
@@ -260,12 +288,17 @@ def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
             state = None
         if state is not None:
             now = time.time()
-            live = [lease for lease in state.leases
-                    if liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)]
+            live = [
+                lease
+                for lease in state.leases
+                if liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
+            ]
             if live and not force:
                 ids = ", ".join(str(lease.id) for lease in live)
-                raise GpurunError(f"{len(live)} live jobs hold leases ({ids}); end them first "
-                                  "or use 'gpurun reset --force'")
+                raise GpurunError(
+                    f"{len(live)} live jobs hold leases ({ids}); end them first "
+                    "or use 'gpurun reset --force'"
+                )
             next_id = state.next_id
         next_id = max(next_id, ledger.last_history_id() + 1)
         aside = ledger.move_aside()
@@ -273,4 +306,3 @@ def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
     finally:
         os.close(fd)
     return {"ledger": ledger.path, "moved_to": aside}
-

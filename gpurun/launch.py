@@ -16,6 +16,7 @@ tree stays visible and is ended before the lease is freed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -99,8 +100,9 @@ def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
 
 def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
     """After the reaping transaction: record the dead jobs in history, remove their locks."""
-    ledger.append_history([finished_record(lease, ledger.server, now, None, "dead")
-                           for lease in dead])
+    ledger.append_history(
+        [finished_record(lease, ledger.server, now, None, "dead") for lease in dead]
+    )
     for lease in dead:
         _unlink(ledger.job_lock_path(lease.id))
 
@@ -149,13 +151,21 @@ def reserve(
                         lease_id = state.take_id()
                         lock_fd = _lock_job(ledger, lease_id)
                         lease = Lease(
-                            id=lease_id, kind="job", state="running",
+                            id=lease_id,
+                            kind="job",
+                            state="running",
                             name=name or os.path.basename(command[0]),
-                            user=_user_name(), uid=os.getuid(), host=os.uname().nodename,
-                            gpus=spot[0], cpus=spot[1], command=tuple(command),
-                            created=now, started=None,
+                            user=_user_name(),
+                            uid=os.getuid(),
+                            host=os.uname().nodename,
+                            gpus=spot[0],
+                            cpus=spot[1],
+                            command=tuple(command),
+                            created=now,
+                            started=None,
                             holders=(Holder(me, my_start, "gpurun"),),
-                            boot=liveness.boot_id(), expires=None,
+                            boot=liveness.boot_id(),
+                            expires=None,
                         )
                         state.add(lease)
                     else:
@@ -197,10 +207,15 @@ def describe_busy(request: Request, config: Config, leases: list[Lease]) -> str:
     holders = ", ".join(f"{lease.id} ({lease.user}, {lease.name})" for lease in leases[:6])
     if len(leases) > 6:
         holders += f" and {len(leases) - 6} more"
-    want = f"{request.gpus} GPUs" if request.gpu_ids is None else \
-        f"GPUs {','.join(map(str, request.gpu_ids))}"
-    return (f"needs {want} and {request.cpus} CPUs; {len(held_gpus)} of {len(config.gpus)} "
-            f"GPUs and {len(held_cpus)} of {len(config.cpus)} CPUs are held by jobs {holders}")
+    want = (
+        f"{request.gpus} GPUs"
+        if request.gpu_ids is None
+        else f"GPUs {','.join(map(str, request.gpu_ids))}"
+    )
+    return (
+        f"needs {want} and {request.cpus} CPUs; {len(held_gpus)} of {len(config.gpus)} "
+        f"GPUs and {len(held_cpus)} of {len(config.cpus)} CPUs are held by jobs {holders}"
+    )
 
 
 def job_env(lease: Lease) -> dict[str, str]:
@@ -252,8 +267,9 @@ def supervise(
             raise CommandError(command[0], f"cannot run it ({exc.strerror})", 126) from None
         if isinstance(exc, FileNotFoundError):
             raise CommandError(command[0], "command not found", 127) from None
-        raise GpurunError(f"cannot start {command[0]} on CPUs "
-                          f"{format_cpulist(lease.cpus)}: {exc.strerror}") from None
+        raise GpurunError(
+            f"cannot start {command[0]} on CPUs {format_cpulist(lease.cpus)}: {exc.strerror}"
+        ) from None
     started = time.time()
     lease = _record_command(ledger, lease, pid, started)
 
@@ -277,10 +293,8 @@ def _wait_for_command(pid: int, waitset: set[int]) -> int:
             if status is not None:
                 return status
         elif info.si_code != SI_KERNEL:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, info.si_signo)
-            except ProcessLookupError:
-                pass
 
 
 def _reap_children(pid: int) -> int | None:
@@ -331,10 +345,8 @@ def _has_children() -> bool:
 
 def _signal_all(pids: list[int], signum: int) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> Lease:
@@ -342,28 +354,36 @@ def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> L
     start = liveness.process_start(pid)
     if start is None:
         return lease
-    updated = lease._replace(holders=(*lease.holders, Holder(pid, start, "command")),
-                             started=started)
+    updated = lease._replace(
+        holders=(*lease.holders, Holder(pid, start, "command")), started=started
+    )
     try:
         with ledger.transaction() as state:
             if state.find(lease.id) is not None:
                 state.replace(updated)
     except LedgerError as exc:
-        log.warning("could not record the command's pid in the ledger (%s); the job lock "
-                    "still keeps the lease", exc)
+        log.warning(
+            "could not record the command's pid in the ledger (%s); the job lock "
+            "still keeps the lease",
+            exc,
+        )
     return updated
 
 
-def _release(ledger: Ledger, lease: Lease, lock_fd: int, code: int | None,
-             started: float | None = None) -> None:
+def _release(
+    ledger: Ledger, lease: Lease, lock_fd: int, code: int | None, started: float | None = None
+) -> None:
     """Remove the lease, append the job to history (if it ran) and drop the job lock."""
     now = time.time()
     try:
         with ledger.transaction() as state:
             state.remove(lease.id)
     except LedgerError as exc:
-        log.warning("could not remove lease %d (%s); the next gpurun or 'gpurun gc' will "
-                    "reap it", lease.id, exc)
+        log.warning(
+            "could not remove lease %d (%s); the next gpurun or 'gpurun gc' will reap it",
+            lease.id,
+            exc,
+        )
     if code is not None:
         done = lease._replace(started=started or lease.started)
         ledger.append_history([finished_record(done, ledger.server, now, code, "exited")])
@@ -371,15 +391,19 @@ def _release(ledger: Ledger, lease: Lease, lock_fd: int, code: int | None,
     _unlink(ledger.job_lock_path(lease.id))
 
 
-def finished_record(lease: Lease, server: str, ended: float, code: int | None,
-                    state: str) -> dict[str, object]:
+def finished_record(
+    lease: Lease, server: str, ended: float, code: int | None, state: str
+) -> dict[str, object]:
     """The history line for a job that ended (`code` None when it was reaped dead)."""
     record = lease.to_json()
     del record["holders"], record["boot"], record["expires"]
     command = [h.pid for h in lease.holders if h.role == "command"]
     gpurun = [h.pid for h in lease.holders if h.role == "gpurun"]
     record.update(
-        server=server, state=state, exit_code=code, ended=ended,
+        server=server,
+        state=state,
+        exit_code=code,
+        ended=ended,
         pid=(command or gpurun or [None])[0],
         duration=None if lease.started is None else round(ended - lease.started, 3),
     )
@@ -390,8 +414,9 @@ def _lock_job(ledger: Ledger, lease_id: int) -> int:
     try:
         return liveness.lock_job(ledger.job_lock_path(lease_id))
     except OSError as exc:
-        raise LedgerError(ledger.job_lock_path(lease_id),
-                          f"cannot create the job lock: {exc.strerror}") from None
+        raise LedgerError(
+            ledger.job_lock_path(lease_id), f"cannot create the job lock: {exc.strerror}"
+        ) from None
 
 
 def _become_subreaper() -> None:
@@ -418,10 +443,8 @@ def _user_name() -> str:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def _say(message: str) -> None:
@@ -460,10 +483,8 @@ class _Watcher:
 
         ready, _, _ = select.select([self.fd], [], [], seconds)
         if ready:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.read(self.fd, 65536)
-            except BlockingIOError:
-                pass
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -19,6 +19,7 @@ older schemas and refuses newer ones, so an old gpurun never drops fields it doe
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -187,12 +188,16 @@ class Ledger:
                 os.chmod(folder, 0o777)
             except FileExistsError:
                 if not os.path.isdir(folder):
-                    raise LedgerError(folder, "exists and is not a folder; set state_dir to a "
-                                      "folder path") from None
+                    raise LedgerError(
+                        folder, "exists and is not a folder; set state_dir to a folder path"
+                    ) from None
             except OSError as exc:
-                raise LedgerError(folder, f"cannot create the state folder: {exc.strerror}; "
-                                  "set state_dir or $GPURUN_STATE_DIR to a writable "
-                                  "folder") from None
+                raise LedgerError(
+                    folder,
+                    f"cannot create the state folder: {exc.strerror}; "
+                    "set state_dir or $GPURUN_STATE_DIR to a writable "
+                    "folder",
+                ) from None
 
     def read(self) -> State:
         """Read the ledger without the lock (a consistent snapshot, thanks to rename)."""
@@ -240,12 +245,17 @@ class Ledger:
         """Replace the ledger atomically; on failure the old file is left byte for byte."""
         state.heartbeat = time.time()
         head = json.dumps(
-            {"schema": SCHEMA, "server": self.server, "heartbeat": state.heartbeat,
-             "next_id": state.next_id},
+            {
+                "schema": SCHEMA,
+                "server": self.server,
+                "heartbeat": state.heartbeat,
+                "next_id": state.next_id,
+            },
             separators=(",", ":"),
         )
-        lines = ",\n".join(json.dumps(lease.to_json(), separators=(",", ":"))
-                           for lease in state.leases)
+        lines = ",\n".join(
+            json.dumps(lease.to_json(), separators=(",", ":")) for lease in state.leases
+        )
         text = head[:-1] + ',"leases":[\n' + lines + "\n]}\n"
         self._write_atomic(self.path, text.encode())
 
@@ -253,25 +263,27 @@ class Ledger:
         folder, name = os.path.split(path)
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o666)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
+            )
             try:
                 os.fchmod(fd, 0o666)
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
-            raise LedgerError(path, f"cannot write the ledger ({exc.strerror}); it was left "
-                              "as it was; free space or fix the state folder's "
-                              "permissions") from None
+            raise LedgerError(
+                path,
+                f"cannot write the ledger ({exc.strerror}); it was left "
+                "as it was; free space or fix the state folder's "
+                "permissions",
+            ) from None
 
     def lock(self) -> int:
         """Take the ledger lock, waiting up to lock_timeout; return the descriptor to unlock."""
@@ -306,8 +318,10 @@ class Ledger:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise LedgerError(self.lock_path, f"cannot open the lock: {exc.strerror}; "
-                                  "check the state folder's permissions") from None
+                raise LedgerError(
+                    self.lock_path,
+                    f"cannot open the lock: {exc.strerror}; check the state folder's permissions",
+                ) from None
             try:
                 fd = os.open(self.lock_path, flags | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
@@ -316,12 +330,16 @@ class Ledger:
                 self.ensure_dirs()
                 continue
             except OSError as exc:
-                raise LedgerError(self.lock_path, f"cannot create the lock: {exc.strerror}; "
-                                  "check the state folder's permissions") from None
+                raise LedgerError(
+                    self.lock_path,
+                    f"cannot create the lock: {exc.strerror}; check the state folder's permissions",
+                ) from None
             os.fchmod(fd, 0o666)
             return fd
-        raise LedgerError(self.lock_path, "the lock file keeps vanishing; is something deleting "
-                          "files in the state folder?")
+        raise LedgerError(
+            self.lock_path,
+            "the lock file keeps vanishing; is something deleting files in the state folder?",
+        )
 
     def append_history(self, records: list[dict[str, object]]) -> None:
         """Append finished jobs to the history file in one write."""
@@ -329,9 +347,11 @@ class Ledger:
             return
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         try:
-            fd = os.open(self.history_path,
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o666)
+            fd = os.open(
+                self.history_path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o666,
+            )
         except OSError as exc:
             log.warning("cannot append to %s: %s", self.history_path, exc.strerror)
             return
@@ -438,8 +458,11 @@ def _lock_holder(fd: int) -> str:
         if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
             continue
         device_inode = parts[5].split(":")
-        if len(device_inode) == 3 and device_inode[2].isdigit() \
-                and int(device_inode[2]) == info.st_ino:
+        if (
+            len(device_inode) == 3
+            and device_inode[2].isdigit()
+            and int(device_inode[2]) == info.st_ino
+        ):
             pid = parts[4]
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:

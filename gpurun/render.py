@@ -61,9 +61,17 @@ def _state(job: dict[str, object]) -> str:
 def jobs_table(jobs: list[dict[str, object]]) -> str:
     headers = ["ID", "NAME", "USER", "PID", "GPUS", "CPUS", "STATE", "ELAPSED", "COMMAND"]
     rows = [
-        [str(j["id"]), str(j["name"]), str(j["user"]), str(j.get("pid") or "-"),
-         _ids(j["gpus"]), _cpus(j["cpus"]), _state(j), duration(j.get("elapsed")),
-         " ".join(j.get("command") or [])]
+        [
+            str(j["id"]),
+            str(j["name"]),
+            str(j["user"]),
+            str(j.get("pid") or "-"),
+            _ids(j["gpus"]),
+            _cpus(j["cpus"]),
+            _state(j),
+            duration(j.get("elapsed")),
+            " ".join(j.get("command") or []),
+        ]
         for j in jobs
     ]
     return table(headers, rows)
@@ -85,19 +93,46 @@ def status_text(status: dict[str, object]) -> str:
     for server in status["servers"]:
         summary = table(
             ["SERVER", "GPUS FREE", "CPUS FREE", "JOBS", "STATE"],
-            [[server["name"], f"{len(server['gpus_free'])}/{server['gpus_total']}",
-              f"{server['cpus_free']}/{server['cpus_total']}", str(server["jobs"]),
-              server["state"]]],
+            [
+                [
+                    server["name"],
+                    f"{len(server['gpus_free'])}/{server['gpus_total']}",
+                    f"{server['cpus_free']}/{server['cpus_total']}",
+                    str(server["jobs"]),
+                    server["state"],
+                ]
+            ],
         )
-        gpus = table(
-            ["GPU", "STATE", "JOB", "USER", "NAME"],
-            [[str(g["id"]), g["state"], str(g["job"] or "-"), g["user"] or "-", g["name"] or "-"]
-             for g in server["gpus"]],
-        ) if server["gpus"] else "no GPUs"
+        gpus = (
+            table(
+                ["GPU", "STATE", "JOB", "USER", "NAME"],
+                [
+                    [
+                        str(g["id"]),
+                        g["state"],
+                        str(g["job"] or "-"),
+                        g["user"] or "-",
+                        g["name"] or "-",
+                    ]
+                    for g in server["gpus"]
+                ],
+            )
+            if server["gpus"]
+            else "no GPUs"
+        )
         cpus = table(
             ["CPUS", "COUNT", "STATE", "JOB", "USER", "NAME"],
-            [[c["cpus"], str(c["count"]), c["state"], str(c["job"] or "-"), c["user"] or "-",
-              c["name"] or "-"] for c in server["cpus"]],
+            [
+                [
+                    c["cpus"],
+                    str(c["count"]),
+                    c["state"],
+                    str(c["job"] or "-"),
+                    c["user"] or "-",
+                    c["name"] or "-",
+                ]
+                for c in server["cpus"]
+            ],
         )
         parts.append(f"{summary}\n\n{gpus}\n\n{cpus}")
     return "\n\n".join(parts)

@@ -1,0 +1,109 @@
+"""Placement, cpulist and config rules, called directly."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpurun.config import build_config, load_config
+from gpurun.cpulist import format_cpulist, online_cpus, parse_cpulist
+from gpurun.errors import CapacityError, ConfigError
+from gpurun.placement import Request, check_possible, pick_cpus, place
+
+
+def test_place_takes_lowest_free_gpus_and_a_contiguous_cpu_run():
+    spot = place(Request(2, 3, None), (0, 1, 2, 3), tuple(range(8)), {0}, {1, 2})
+
+    assert spot == ((1, 2), (3, 4, 5))
+
+
+def test_place_returns_none_when_gpus_or_cpus_are_short():
+    assert place(Request(2, 1, None), (0, 1, 2), (0, 1), {0, 1}, set()) is None
+    assert place(Request(1, 2, None), (0, 1, 2), (0, 1), set(), {1}) is None
+
+
+def test_place_honours_exact_gpu_ids():
+    assert place(Request(2, 0, (0, 3)), (0, 1, 2, 3), (), {1}, set()) == ((0, 3), ())
+    assert place(Request(2, 0, (0, 3)), (0, 1, 2, 3), (), {3}, set()) is None
+
+
+def test_pick_cpus_prefers_a_run_then_falls_back_to_lowest():
+    assert pick_cpus([0, 2, 3, 5, 6, 7], 3) == [5, 6, 7]
+    assert pick_cpus([0, 2, 4], 2) == [0, 2]
+    assert pick_cpus([4], 0) == []
+
+
+def test_check_possible_names_what_the_server_has():
+    with pytest.raises(CapacityError, match="asked for 5 GPUs but this server has 4 GPUs"):
+        check_possible(Request(5, 0, None), (0, 1, 2, 3), (0, 1))
+    with pytest.raises(CapacityError, match="no GPU 7"):
+        check_possible(Request(1, 0, (7,)), (0, 1, 2, 3), (0, 1))
+    with pytest.raises(CapacityError, match="asked for 3 CPUs"):
+        check_possible(Request(0, 3, None), (0,), (0, 1))
+
+
+@pytest.mark.parametrize(
+    ("text", "ids"),
+    [("0-3,8", [0, 1, 2, 3, 8]), ("5", [5]), ("", []), ("2,0-1", [0, 1, 2]), ("1-1", [1])],
+)
+def test_parse_cpulist(text, ids):
+    assert parse_cpulist(text) == ids
+    assert parse_cpulist(format_cpulist(ids)) == ids
+
+
+@pytest.mark.parametrize("text", ["3-1", "a", "1,,2", "1-", "-2", "0:3"])
+def test_parse_cpulist_rejects(text):
+    with pytest.raises(ValueError):
+        parse_cpulist(text)
+
+
+def test_format_cpulist_merges_runs():
+    assert format_cpulist([8, 0, 1, 2, 3, 10, 11]) == "0-3,8,10-11"
+
+
+def test_defaults_without_a_file(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPURUN_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi: 0 GPUs
+
+    if __import__("os").path.exists("/etc/gpurun/gpurun.yaml"):
+        pytest.skip("this host has /etc/gpurun/gpurun.yaml")
+
+    config = load_config(None)
+
+    assert config.path == ""
+    assert config.gpus == ()
+    assert list(config.cpus) == sorted(__import__("os").sched_getaffinity(0))
+
+
+def test_cpus_per_gpu_auto_rounds_down():
+    cpus = online_cpus()
+    config = build_config({"gpus": 3, "cpus": len(cpus)}, "x.yaml")
+
+    assert config.cpus_per_gpu == len(cpus) // 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"gpus": "0,1"}, "write a list: gpus: [0, 1]"),
+        ({"gpus": -1}, "must be >= 0"),
+        ({"gpus": [0, 0]}, "listed twice"),
+        ({"gpus": True}, "must be 'auto'"),
+        ({"cpus": [0, 99999]}, "this host has no CPU 99999"),
+        ({"cpus": "0-99999"}, "this host has no CPU"),
+        ({"cpus": "16:31"}, "base-60"),
+        ({"cpus_per_gpu": -2}, "cpus_per_gpu"),
+        ({"lock_timeout": 0}, "lock_timeout"),
+        ({"kill_grace": "soon"}, "kill_grace"),
+        ({"colour": "blue"}, "unknown key"),
+        ({"state_dir": ""}, "state_dir"),
+    ],
+)
+def test_bad_values_name_file_and_key(raw, needle):
+    with pytest.raises(ConfigError) as caught:
+        build_config(raw, "/etc/x.yaml")
+
+    assert needle in str(caught.value)
+    assert str(caught.value).startswith("/etc/x.yaml")
+    assert caught.value.key == next(iter(raw))

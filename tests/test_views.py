@@ -1,0 +1,144 @@
+"""ps, status and gc as people and scripts read them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from conftest import wait_for, wait_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ps_json_has_the_documented_keys(gpurun):
+    job = gpurun.start(
+        "-g", "2", "-c", "1", "-n", "train", "--", *gpurun.probe("a", "--sleep", "60")
+    )
+    child = wait_json(gpurun.tmp / "a.start")["pid"]
+    wait_for(lambda: len(gpurun.ledger()["leases"][0]["holders"]) == 2, what="command pid")
+
+    [row] = gpurun.ps()
+
+    assert row["id"] == 1 and row["name"] == "train" and row["state"] == "running"
+    assert row["pid"] == child
+    assert row["gpus"] == [0, 1] and len(row["cpus"]) == 1
+    assert row["host"] == os.uname().nodename
+    assert row["command"][-2:] == ["--sleep", "60"]
+    datetime.fromisoformat(row["started"])
+    table = gpurun.run("ps").stdout.splitlines()
+    assert table[0].split() == [
+        "ID",
+        "NAME",
+        "USER",
+        "PID",
+        "GPUS",
+        "CPUS",
+        "STATE",
+        "ELAPSED",
+        "COMMAND",
+    ]
+    assert table[1].split()[:7] == [
+        "1",
+        "train",
+        row["user"],
+        str(child),
+        "0,1",
+        str(row["cpus"][0]),
+        "running",
+    ]
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=10) == 143
+    [done] = gpurun.ps("-a")
+    assert done["exit_code"] == 143
+    assert datetime.fromisoformat(done["ended"]) >= datetime.fromisoformat(done["started"])
+    assert gpurun.ps() == []
+
+
+def test_status_shows_who_holds_what(gpurun):
+    job = gpurun.start(
+        "-g", "1", "-c", "1", "-n", "holder", "--", *gpurun.probe("a", "--sleep", "60")
+    )
+    wait_json(gpurun.tmp / "a.start")
+
+    server = gpurun.status()
+    text = gpurun.run("status").stdout
+
+    assert server["gpus_total"] == 4 and server["gpus_free"] == [1, 2, 3]
+    assert server["cpus_total"] == len(os.sched_getaffinity(0))
+    assert server["cpus_free"] == server["cpus_total"] - 1
+    assert server["jobs"] == 1
+    assert server["gpus"][0] == {
+        "id": 0,
+        "state": "held",
+        "job": 1,
+        "user": server["gpus"][0]["user"],
+        "name": "holder",
+    }
+    assert any(line.split()[:3] == ["0", "held", "1"] for line in text.splitlines())
+    job.kill()
+
+
+def test_gc_dry_run_changes_nothing(gpurun):
+    job = gpurun.start("-g", "1", "-c", "0", "--", *gpurun.probe("a", "--sleep", "60"))
+    child = wait_json(gpurun.tmp / "a.start")["pid"]
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{child}"), what="the command to go")
+    before = gpurun.ledger_path().read_bytes()
+
+    dry = gpurun.run("gc", "--dry-run")
+    dry_json = gpurun.run("gc", "--dry-run", "--json")
+
+    assert "would drop lease 1" in dry.stdout
+    assert [lease["id"] for lease in json.loads(dry_json.stdout)] == [1]
+    assert gpurun.ledger_path().read_bytes() == before
+    assert gpurun.ps()[0]["state"] == "dead"
+    assert "dropped lease 1" in gpurun.run("gc").stdout
+    assert gpurun.ps() == []
+
+
+def test_reset_refuses_while_jobs_live_unless_forced(gpurun):
+    job = gpurun.start("-g", "1", "-c", "0", "--", *gpurun.probe("a", "--sleep", "60"))
+    wait_json(gpurun.tmp / "a.start")
+
+    refused = gpurun.run("reset", "--yes")
+    forced = gpurun.run("reset", "--yes", "--force")
+
+    assert refused.returncode == 125
+    assert "live jobs" in refused.stderr and "--force" in refused.stderr
+    assert forced.returncode == 0
+    assert gpurun.ledger()["leases"] == []
+    assert gpurun.ledger()["next_id"] == 2
+    job.kill()
+
+
+def test_make_demo_places_three_jobs_apart(tmp_path):
+    env = dict(os.environ)
+    env.pop("GPURUN_CONFIG", None)
+    env.pop("GPURUN_STATE_DIR", None)
+    env["GPURUN"] = str(Path(sys.executable).with_name("gpurun"))
+    env["PY"] = sys.executable
+
+    result = subprocess.run(
+        ["bash", str(REPO / "examples" / "demo.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "CUDA_VISIBLE_DEVICES=" in line]
+    assert len(lines) == 3
+    given = {line.split("]")[0][1:]: line for line in lines}
+    assert "CUDA_VISIBLE_DEVICES='0,1'" in given["first"]
+    assert "CUDA_VISIBLE_DEVICES='2,3'" in given["second"]
+    affinity = {name: line.split("CPU affinity=")[1].split("]")[0] for name, line in given.items()}
+    assert affinity["first"] != affinity["second"]
+    assert "gpurun: waiting" in result.stderr
