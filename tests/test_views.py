@@ -137,8 +137,10 @@ def test_make_demo_places_three_jobs_apart(tmp_path):
     lines = [line for line in result.stdout.splitlines() if "CUDA_VISIBLE_DEVICES=" in line]
     assert len(lines) == 3
     given = {line.split("]")[0][1:]: line for line in lines}
-    assert "CUDA_VISIBLE_DEVICES='0,1'" in given["first"]
-    assert "CUDA_VISIBLE_DEVICES='2,3'" in given["second"]
+    gpus = {
+        name: line.split("CUDA_VISIBLE_DEVICES='")[1].split("'")[0] for name, line in given.items()
+    }
+    assert sorted([gpus["first"], gpus["second"]]) == ["0,1", "2,3"]
     affinity = {name: line.split("CPU affinity=")[1].split("]")[0] for name, line in given.items()}
     assert affinity["first"] != affinity["second"]
     assert "gpurun: waiting" in result.stderr
