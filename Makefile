@@ -13,7 +13,8 @@ install: $(STAMP)  ## make .venv and install gpurun editable with the test extra
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m compileall -q gpurun
 	touch $@
 
 demo: $(STAMP)  ## run three real jobs on the sample config's 4 declared GPUs
