@@ -19,7 +19,7 @@ from gpurun.errors import (
     UsageError,
 )
 
-COMMANDS = ("run", "ps", "gc", "status", "kill", "reset")
+COMMANDS = ("run", "ps", "gc", "status", "kill", "reset", "logs", "wait")
 
 EXIT_USAGE = 2
 EXIT_BUSY = 75
@@ -27,12 +27,16 @@ EXIT_FAILURE = 125
 EXIT_INTERRUPTED = 130
 
 USAGE = """\
-usage: gpurun [run] [-g N] [-c N] [--gpu-ids IDS] [-n NAME] [--no-wait] [--timeout S] -- COMMAND
+usage: gpurun [run] [-g N] [-c N] [--gpu-ids IDS] [-n NAME] [--no-wait] [--timeout S]
+                    [-d] [--time LIMIT] [--priority N] [--after IDS | --after-any IDS]
+                    -- COMMAND
        gpurun ps [-a] [--json]
        gpurun gc [--dry-run] [--json]
        gpurun status [--json]
        gpurun kill JOB [-s SIGNAL]
        gpurun reset [--yes] [--force]
+       gpurun logs JOB [-f]
+       gpurun wait JOB...
 
 Reserve GPUs and CPUs on this server, run COMMAND pinned to them, free them when it ends.
 Every command takes --config PATH and -v. 'gpurun COMMAND --help' says more.
@@ -72,6 +76,55 @@ def _gpu_ids(text: str) -> tuple[int, ...]:
     return ids
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '30m', '2h', '1d' or '1h30m'; ValueError if not one of those."""
+    text = text.strip().lower()
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    total = 0.0
+    number = ""
+    for char in text:
+        if char.isdigit() or char == ".":
+            number += char
+        elif char in DURATION_UNITS and number and number.count(".") <= 1:
+            total += float(number) * DURATION_UNITS[char]
+            number = ""
+        else:
+            raise ValueError(text)
+    if number or not text:
+        raise ValueError(text)
+    return total
+
+
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 90s, 30m, 2h or 1d, got '{text}'"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration above 0, got '{text}'")
+    return value
+
+
+def _priority(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+
+
+def _job_ids(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected job ids like 4,7, got '{text}'")
+    return tuple(int(p) for p in parts)
+
+
 def _name(text: str) -> str:
     if not text or not text.isprintable() or len(text) > 200:
         raise argparse.ArgumentTypeError("expected a printable name of 1-200 characters")
@@ -104,6 +157,39 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             metavar="SECONDS",
             help="exit 75 if it cannot start within SECONDS",
         )
+        p.add_argument(
+            "-d",
+            "--detach",
+            action="store_true",
+            help="queue the job, print its id and return; it runs in the background "
+            "with its output in a log ('gpurun logs')",
+        )
+        p.add_argument(
+            "--time",
+            type=_duration,
+            metavar="LIMIT",
+            help="time limit (90s, 30m, 2h, 1d): SIGTERM when it passes, then SIGKILL "
+            "after kill_grace; lets the job backfill",
+        )
+        p.add_argument(
+            "--priority",
+            type=_priority,
+            default=0,
+            help="queue priority, higher first (default 0; above 0 for root only)",
+        )
+        group = p.add_mutually_exclusive_group()
+        group.add_argument(
+            "--after",
+            type=_job_ids,
+            metavar="IDS",
+            help="start only once these jobs exited 0; cancelled if one fails",
+        )
+        group.add_argument(
+            "--after-any",
+            type=_job_ids,
+            metavar="IDS",
+            help="start once these jobs ended, however they ended",
+        )
         _common(p)
         p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
         return p
@@ -129,6 +215,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "followed by KILL after kill_grace)",
         )
         p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "logs":
+        p = _Parser(prog="gpurun logs", description="Show a detached job's output.")
+        p.add_argument("job", help="job id or name")
+        p.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    elif command == "wait":
+        p = _Parser(prog="gpurun wait", description="Wait for jobs to end.")
+        p.add_argument(
+            "jobs",
+            nargs="+",
+            type=_job_ids,
+            metavar="JOB",
+            help="job ids; exits with the first failing job's code",
+        )
     elif command == "reset":
         p = _Parser(prog="gpurun reset", description="Move the ledger aside and start a new one.")
         p.add_argument("--yes", action="store_true", help="do not ask")
@@ -246,11 +345,15 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         result = jobs.reset_ledger(config, force=args.force)
         moved = result["moved_to"]
         print(f"new ledger {result['ledger']}" + (f"; the old one is {moved}" if moved else ""))
+    elif command == "logs":
+        return jobs.show_log(config, args.job, follow=args.follow)
+    elif command == "wait":
+        return jobs.wait_for_jobs(config, [i for ids in args.jobs for i in ids])
     return 0
 
 
 def _run(args: argparse.Namespace, config: object) -> int:
-    from gpurun.launch import run_job
+    from gpurun.launch import Spec, run_job
     from gpurun.placement import Request
 
     if not args.command:
@@ -267,10 +370,20 @@ def _run(args: argparse.Namespace, config: object) -> int:
     if cpus is None:
         cpus = max(1, gpus * config.cpus_per_gpu)
         cpus = min(cpus, len(config.cpus)) if config.cpus else 0
-    request = Request(gpus=gpus, cpus=cpus, gpu_ids=args.gpu_ids)
-    return run_job(
-        config, request, args.command, name=args.name, wait=not args.no_wait, timeout=args.timeout
+    if args.detach and (args.no_wait or args.timeout is not None):
+        raise UsageError(
+            "-d queues the job and returns at once; it takes no --no-wait or --timeout"
+        )
+    spec = Spec(
+        request=Request(gpus=gpus, cpus=cpus, gpu_ids=args.gpu_ids),
+        command=args.command,
+        name=args.name,
+        priority=args.priority,
+        time_limit=args.time,
+        after=args.after or args.after_any or (),
+        after_any=args.after_any is not None,
     )
+    return run_job(config, spec, wait=not args.no_wait, timeout=args.timeout, detach=args.detach)
 
 
 def _confirm(question: str) -> bool:

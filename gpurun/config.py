@@ -19,11 +19,11 @@ SEARCH_PATHS = (
     "/etc/gpurun/gpurun.yaml",
 )
 DEFAULT_STATE_DIR = "/tmp/gpurun"
-KEYS = ("state_dir", "gpus", "cpus", "cpus_per_gpu", "lock_timeout", "kill_grace")
+KEYS = ("state_dir", "gpus", "cpus", "cpus_per_gpu", "lock_timeout", "kill_grace", "on_finish")
 
 _ConfigBase = namedtuple(
     "_ConfigBase",
-    "path state_dir server gpus cpus cpus_per_gpu lock_timeout kill_grace",
+    "path state_dir server gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish",
 )
 
 
@@ -32,7 +32,8 @@ class Config(_ConfigBase):
 
     path: the file read ("" for built-in defaults); state_dir: str; server: this host's short
     name, which names its ledger; gpus, cpus: sorted tuples of ids; cpus_per_gpu: int;
-    lock_timeout, kill_grace: float seconds.
+    lock_timeout, kill_grace: float seconds; on_finish: a shell command run after each job
+    ends, with the job's record as JSON on stdin, or None.
     """
 
     __slots__ = ()
@@ -104,6 +105,10 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
     if not _is_number(kill_grace) or kill_grace < 0:
         raise fail("kill_grace", f"must be a number of seconds >= 0, not {kill_grace!r}")
 
+    on_finish = raw.get("on_finish")
+    if on_finish is not None and (not isinstance(on_finish, str) or not on_finish.strip()):
+        raise fail("on_finish", "must be a shell command, such as 'mail -s done me'")
+
     server = os.uname().nodename.split(".")[0] or "localhost"
     return Config(
         path=path,
@@ -114,6 +119,7 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
         cpus_per_gpu=int(per_gpu),
         lock_timeout=float(lock_timeout),
         kill_grace=float(kill_grace),
+        on_finish=on_finish,
     )
 
 

@@ -10,11 +10,12 @@ import signal
 import time
 
 from gpurun import liveness
+from gpurun.admission import queue_order
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
 from gpurun.launch import forget_dead, reap_dead
-from gpurun.ledger import Lease, Ledger, State
+from gpurun.ledger import Lease, Ledger, State, Watcher
 
 # Signals after which `kill` sends SIGKILL to what is left once kill_grace has passed.
 ESCALATE = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -49,15 +50,31 @@ def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
         "started": iso_time(lease.started or lease.created),
         "elapsed": round(now - (lease.started or lease.created), 3),
         "command": list(lease.command),
+        "request": {"gpus": lease.request.gpus, "cpus": lease.request.cpus},
+        "priority": lease.priority,
+        "time_limit": lease.time_limit,
+        "after": list(lease.after),
+        "log": lease.log,
     }
 
 
 def history_view(record: dict[str, object]) -> dict[str, object]:
     """A finished job from history as `ps -a --json` shows it."""
-    view = {
-        key: record.get(key)
-        for key in ("id", "name", "user", "host", "pid", "gpus", "cpus", "state", "kind", "command")
-    }
+    keys = (
+        "id",
+        "name",
+        "user",
+        "host",
+        "pid",
+        "gpus",
+        "cpus",
+        "state",
+        "kind",
+        "command",
+        "log",
+        "reason",
+    )
+    view = {key: record.get(key) for key in keys}
     started = record.get("started") or record.get("created")
     view["started"] = iso_time(started) if isinstance(started, (int, float)) else None
     ended = record.get("ended")
@@ -75,9 +92,13 @@ def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, 
     rows = []
     if include_finished:
         rows.extend(history_view(r) for r in ledger.read_history())
+    positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
     for lease in state.leases:
         alive = liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
-        rows.append(lease_view(lease, alive, now))
+        view = lease_view(lease, alive, now)
+        if lease.id in positions:
+            view["position"] = positions[lease.id]
+        rows.append(view)
     return rows
 
 
@@ -163,7 +184,8 @@ def server_status(config: Config) -> dict[str, object]:
         "gpus_free": [g["id"] for g in gpus if g["state"] == "free"],
         "cpus_total": len(config.cpus),
         "cpus_free": len(free_cpus),
-        "jobs": len(views),
+        "jobs": sum(1 for view in views if view["state"] == "running"),
+        "waiting": sum(1 for view in views if view["state"] == "waiting"),
         "state": "ok",
         "gpus": gpus,
         "cpus": cpu_groups,
@@ -230,7 +252,11 @@ def _job_processes(lease: Lease) -> list[int]:
     """The job's processes now: below its live gpurun, else its command and what is below."""
     holders = {h.role: h for h in lease.holders}
     gpurun = holders.get("gpurun")
-    if gpurun is not None and liveness.holder_alive(gpurun.pid, gpurun.start):
+    gpurun_alive = gpurun is not None and liveness.holder_alive(gpurun.pid, gpurun.start)
+    if lease.state == "waiting":
+        # The waiting gpurun takes its entry out of the queue when signalled.
+        return [gpurun.pid] if gpurun_alive else []
+    if gpurun_alive:
         return liveness.descendants(gpurun.pid)
     command = holders.get("command")
     if command is not None and liveness.holder_alive(command.pid, command.start):
@@ -306,3 +332,97 @@ def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
     finally:
         os.close(fd)
     return {"ledger": ledger.path, "moved_to": aside}
+
+
+def find_any(config: Config, ref: str) -> dict[str, object]:
+    """A job by id or name among live leases, else by id in history, as `ps` shows it."""
+    ledger = open_ledger(config)
+    state = ledger.read()
+    try:
+        lease = find_lease(state, ref)
+    except NotFoundError:
+        if not ref.isdigit():
+            raise
+        record = ledger.finished_jobs({int(ref)}).get(int(ref))
+        if record is None:
+            raise NotFoundError(f"no job {ref}; 'gpurun ps -a' lists the jobs") from None
+        return history_view(record)
+    return lease_view(lease, True, time.time())
+
+
+def show_log(config: Config, ref: str, follow: bool = False) -> int:
+    """Copy a detached job's log to stdout; with `follow`, until the job has ended."""
+    import sys
+
+    job = find_any(config, ref)
+    path = job.get("log")
+    if not path:
+        raise NotFoundError(
+            f"job {job['id']} ran in the foreground; its output went to its terminal, not a log"
+        )
+    ledger = open_ledger(config)
+    out = sys.stdout.buffer
+    try:
+        with open(str(path), "rb") as f:
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                    continue
+                if not follow or not _still_listed(ledger, int(job["id"])):
+                    out.write(f.read())
+                    out.flush()
+                    return 0
+                time.sleep(0.1)
+    except FileNotFoundError:
+        raise NotFoundError(f"the log of job {job['id']} ({path}) is gone") from None
+
+
+def _still_listed(ledger: Ledger, lease_id: int) -> bool:
+    lease = ledger.read().find(lease_id)
+    return lease is not None and liveness.lease_alive(
+        lease, ledger.job_lock_path(lease.id), time.time()
+    )
+
+
+def wait_for_jobs(config: Config, ids: list[int]) -> int:
+    """Block until every job ends; return 0, or the code of the first (in `ids`) that failed.
+
+    A job that was cancelled or reaped dead counts as failed with 125.
+    """
+    ledger = open_ledger(config)
+    live = {lease.id for lease in ledger.read().leases}
+    unknown = set(ids) - live
+    if unknown:
+        unknown -= set(ledger.finished_jobs(unknown))
+    if unknown:
+        listed = ", ".join(map(str, sorted(unknown)))
+        raise NotFoundError(f"no job {listed}; 'gpurun ps -a' lists the jobs")
+
+    watcher = Watcher(ledger.state_dir)
+    try:
+        remaining = set(ids)
+        while remaining:
+            state = ledger.read()
+            now = time.time()
+            dead = False
+            for lease_id in list(remaining):
+                lease = state.find(lease_id)
+                if lease is None:
+                    remaining.discard(lease_id)
+                elif not liveness.lease_alive(lease, ledger.job_lock_path(lease_id), now):
+                    dead = True
+            if dead:
+                collect_garbage(config)
+            elif remaining:
+                watcher.wait(0.5)
+    finally:
+        watcher.close()
+
+    results = ledger.finished_jobs(set(ids))
+    for lease_id in ids:
+        code = results.get(lease_id, {}).get("exit_code")
+        if code != 0:
+            return code if isinstance(code, int) else 125
+    return 0

@@ -1,17 +1,8 @@
-"""Run one job: reserve its lease, start the command pinned to it, supervise, free it.
+"""Run one job: queue it, wait for its turn, reserve, start it, free the lease when it ends.
 
 The launch path runs thousands of times in sweeps, so it imports only the standard modules it
-needs and starts the command with posix_spawn (no `subprocess`, no extra exec).
-
-Signals: gpurun blocks the signals it forwards and takes them with sigwaitinfo, which also
-says who sent each. The command stays in gpurun's process group, so at a terminal it is in the
-foreground (the keyboard works) and Ctrl-C reaches it straight from the kernel; gpurun then
-does not pass that signal on again (si_code SI_KERNEL), so the command sees it once. Signals
-sent to gpurun by a process (kill, a scheduler) are passed on to the command.
-
-gpurun makes itself a child subreaper (prctl(2) PR_SET_CHILD_SUBREAPER): processes the job
-leaves behind when their parent exits are re-parented to gpurun, not to init, so the whole
-tree stays visible and is ended before the lease is freed.
+needs. A job that fits at once is placed in the same ledger write that queues it: one
+transaction to place it, one to record the command's pid, one to free it.
 """
 
 from __future__ import annotations
@@ -21,29 +12,41 @@ import os
 import signal
 import sys
 import time
+from collections import namedtuple
 
-from gpurun import liveness
+from gpurun import liveness, supervise
+from gpurun.admission import BLOCKED, FAILED, READY, admit, queue_order
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
-from gpurun.errors import BusyError, CommandError, GpurunError, Interrupted, LedgerError
-from gpurun.ledger import Holder, Lease, Ledger, State
+from gpurun.errors import (
+    BusyError,
+    CommandError,
+    GpurunError,
+    Interrupted,
+    LedgerError,
+    NotFoundError,
+    RefusedError,
+)
+from gpurun.ledger import Holder, Lease, Ledger, State, Watcher
 from gpurun.log import get_logger
-from gpurun.placement import Request, check_possible, place
+from gpurun.placement import Request, check_possible
 
 log = get_logger(__name__)
 
-FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-# Signals that end a waiting gpurun cleanly (no lease is left behind).
-ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-SI_KERNEL = 0x80
 POLL_SECONDS = 1.0
+
+_SpecBase = namedtuple("_SpecBase", "request command name priority time_limit after after_any")
+
+
+class Spec(_SpecBase):
+    """What the user asked for: request (Request), command (list of str), name (str or None),
+    priority (int), time_limit (seconds or None), after (tuple of job ids), after_any (bool)."""
+
+    __slots__ = ()
+
+
+class DependencyFailed(GpurunError):
+    """A job named in --after failed, so this one was cancelled."""
 
 
 def resolve_command(name: str) -> str:
@@ -69,20 +72,173 @@ def resolve_command(name: str) -> str:
 
 def run_job(
     config: Config,
-    request: Request,
-    command: list[str],
-    name: str | None = None,
+    spec: Spec,
     wait: bool = True,
     timeout: float | None = None,
+    detach: bool = False,
 ) -> int:
-    """Reserve, run and free one job; return the exit status gpurun should exit with."""
-    executable = resolve_command(command[0])
-    check_possible(request, config.gpus, config.cpus)
+    """Queue, run and free one job; return the exit status gpurun should exit with.
+
+    With `detach`, the job goes on in a background gpurun and this returns 0 once it is
+    queued, having printed its id.
+    """
+    executable = resolve_command(spec.command[0])
+    check_possible(spec.request, config.gpus, config.cpus)
+    if spec.priority > 0 and os.geteuid() != 0:
+        raise RefusedError(f"only root may raise --priority above 0 (asked {spec.priority})")
     ledger = Ledger(config.state_dir, config.server, config.lock_timeout)
     ledger.ensure_dirs()
+    if spec.after:
+        _check_known(ledger, spec.after)
 
-    lease, lock_fd = reserve(ledger, config, request, command, name, wait, timeout)
-    return supervise(ledger, config, lease, lock_fd, executable, command)
+    if detach:
+        return _detach(ledger, config, spec, executable)
+    lease, lock_fd = reserve(ledger, config, spec, wait, timeout)
+    return run_reserved(ledger, config, lease, lock_fd, executable)
+
+
+def reserve(
+    ledger: Ledger,
+    config: Config,
+    spec: Spec,
+    wait: bool,
+    timeout: float | None,
+    detached: bool = False,
+    on_queued: object = None,
+) -> tuple[Lease, int]:
+    """Queue the job and wait until the queue's rules let it start; return its lease (now
+    holding GPUs and CPUs) and its job lock.
+
+    Ctrl-C, SIGTERM, SIGHUP, --timeout or a failed dependency take the entry out of the queue
+    before raising. Returns with supervise.BLOCKED signals blocked, so none is lost before the
+    command starts.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    progress = _Progress()
+    watcher = None
+    entry: Lease | None = None
+    lock_fd = -1
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in supervise.ENDING[1:]}
+    try:
+        while True:
+            signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
+            now = time.time()
+            cancelled = None
+            with ledger.transaction() as state:
+                dead = reap_dead(ledger, state, now)
+                if entry is None:
+                    lease_id = state.take_id()
+                    lock_fd = _lock_job(ledger, lease_id)
+                    entry = _new_entry(ledger, spec, lease_id, now, detached)
+                    state.add(entry)
+                elif state.find(entry.id) is None:
+                    raise GpurunError(
+                        f"job {entry.id} was taken out of the queue (by 'gpurun "
+                        "reset'?); it did not run"
+                    )
+                dependencies = _Dependencies(ledger, state)
+                if dependencies(entry) == FAILED:
+                    state.remove(entry.id)
+                    cancelled = dependencies.reason(entry)
+                else:
+                    spot = admit(state.leases, config.gpus, config.cpus, now, dependencies).get(
+                        entry.id
+                    )
+                    if spot is not None:
+                        entry = entry._replace(state="running", gpus=spot[0], cpus=spot[1])
+                        state.replace(entry)
+                    elif not wait:
+                        raise BusyError(
+                            f"{describe_busy(spec.request, config, state)}; not waiting (--no-wait)"
+                        )
+                    else:
+                        position, queued = _position(state, entry)
+                        busy = describe_busy(spec.request, config, state)
+            forget_dead(ledger, dead, now)
+            if cancelled is not None:
+                ledger.append_history(
+                    [
+                        finished_record(
+                            entry, ledger.server, time.time(), None, "cancelled", cancelled
+                        )
+                    ]
+                )
+                raise DependencyFailed(f"job {entry.id} was cancelled: {cancelled}")
+            if callable(on_queued):
+                on_queued(entry)
+                on_queued = None
+            if entry.state == "running":
+                progress.started(entry)
+                return entry, lock_fd
+
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise BusyError(f"{busy}; gave up after --timeout {timeout:g} s")
+            progress.waiting(entry.id, position, queued, busy)
+            if watcher is None:
+                watcher = Watcher(ledger.state_dir)
+            watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
+    except BaseException:
+        progress.clear()
+        signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
+        if entry is not None:
+            _withdraw(ledger, entry, lock_fd)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if watcher is not None:
+            watcher.close()
+
+
+def run_reserved(
+    ledger: Ledger, config: Config, lease: Lease, lock_fd: int, executable: str
+) -> int:
+    """Start the command in its lease, supervise it, free the lease; return the exit status.
+
+    Called with supervise.BLOCKED signals blocked.
+    """
+    pending = signal.sigpending() & set(supervise.ENDING)
+    if pending:
+        _withdraw(ledger, lease, lock_fd)
+        raise Interrupted(min(pending))
+    try:
+        pid = supervise.spawn(executable, list(lease.command), job_env(lease), lease.cpus)
+    except OSError as exc:
+        _withdraw(ledger, lease, lock_fd)
+        if isinstance(exc, PermissionError) or exc.errno == 8:
+            raise CommandError(lease.command[0], f"cannot run it ({exc.strerror})", 126) from None
+        if isinstance(exc, FileNotFoundError):
+            raise CommandError(lease.command[0], "command not found", 127) from None
+        raise GpurunError(
+            f"cannot start {lease.command[0]} on CPUs {format_cpulist(lease.cpus)}: {exc.strerror}"
+        ) from None
+    started = time.time()
+    lease = _record_command(ledger, lease, pid, started)
+
+    deadline = None
+    if lease.time_limit is not None:
+        deadline = time.monotonic() + lease.time_limit
+
+    def overrun() -> None:
+        supervise.say(
+            f"job {lease.id} ({lease.name}) ran past its --time limit of "
+            f"{lease.time_limit:g} s; sending SIGTERM, then SIGKILL after "
+            f"{config.kill_grace:g} s"
+        )
+
+    status = supervise.wait_for_command(pid, deadline, config.kill_grace, overrun)
+    supervise.end_leftovers(config.kill_grace)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        supervise.say(f"job {lease.id} ({lease.name}) was ended by {signal.Signals(-code).name}")
+        code = 128 - code
+    record = _release(ledger, lease, lock_fd, code)
+    if config.on_finish:
+        run_hook(config.on_finish, record)
+    return code
 
 
 def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
@@ -101,7 +257,16 @@ def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
 def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
     """After the reaping transaction: record the dead jobs in history, remove their locks."""
     ledger.append_history(
-        [finished_record(lease, ledger.server, now, None, "dead") for lease in dead]
+        [
+            finished_record(
+                lease,
+                ledger.server,
+                now,
+                None,
+                "expired" if lease.kind == "reservation" else "dead",
+            )
+            for lease in dead
+        ]
     )
     for lease in dead:
         _unlink(ledger.job_lock_path(lease.id))
@@ -116,106 +281,28 @@ def held_ids(leases: list[Lease]) -> tuple[set[int], set[int]]:
     return gpus, cpus
 
 
-def reserve(
-    ledger: Ledger,
-    config: Config,
-    request: Request,
-    command: list[str],
-    name: str | None,
-    wait: bool,
-    timeout: float | None,
-) -> tuple[Lease, int]:
-    """Record a lease for the request, waiting until it fits; return it and its job lock.
-
-    Returns with the forwarded signals blocked, so none is lost before the command starts.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    announced = False
-    watcher = None
-    me = os.getpid()
-    my_start = liveness.process_start(me)
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in ENDING[1:]}
-    blocked = (*FORWARDED, signal.SIGCHLD)
-    try:
-        while True:
-            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-            now = time.time()
-            lease = None
-            lock_fd = -1
-            try:
-                with ledger.transaction() as state:
-                    dead = reap_dead(ledger, state, now)
-                    held_gpus, held_cpus = held_ids(state.leases)
-                    spot = place(request, config.gpus, config.cpus, held_gpus, held_cpus)
-                    if spot is not None:
-                        lease_id = state.take_id()
-                        lock_fd = _lock_job(ledger, lease_id)
-                        lease = Lease(
-                            id=lease_id,
-                            kind="job",
-                            state="running",
-                            name=name or os.path.basename(command[0]),
-                            user=_user_name(),
-                            uid=os.getuid(),
-                            host=os.uname().nodename,
-                            gpus=spot[0],
-                            cpus=spot[1],
-                            command=tuple(command),
-                            created=now,
-                            started=None,
-                            holders=(Holder(me, my_start, "gpurun"),),
-                            boot=liveness.boot_id(),
-                            expires=None,
-                        )
-                        state.add(lease)
-                    else:
-                        busy = describe_busy(request, config, state.leases)
-            except BaseException:
-                if lock_fd >= 0:
-                    os.close(lock_fd)
-                    _unlink(ledger.job_lock_path(lease.id if lease else lease_id))
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-                raise
-            forget_dead(ledger, dead, now)
-            if lease is not None:
-                if announced:
-                    _say(f"job {lease.id} starting after waiting")
-                return lease, lock_fd
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-
-            if not wait:
-                raise BusyError(f"{busy}; not waiting (--no-wait)")
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise BusyError(f"{busy}; gave up after --timeout {timeout:g} s")
-            if not announced:
-                _say(f"waiting: {busy}")
-                announced = True
-            if watcher is None:
-                watcher = _Watcher(ledger.state_dir)
-            watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if watcher is not None:
-            watcher.close()
-
-
-def describe_busy(request: Request, config: Config, leases: list[Lease]) -> str:
+def describe_busy(request: Request, config: Config, state: State) -> str:
     """One phrase: what the request waits for and which jobs hold it."""
-    held_gpus, held_cpus = held_ids(leases)
-    holders = ", ".join(f"{lease.id} ({lease.user}, {lease.name})" for lease in leases[:6])
-    if len(leases) > 6:
-        holders += f" and {len(leases) - 6} more"
-    want = (
-        f"{request.gpus} GPUs"
-        if request.gpu_ids is None
-        else f"GPUs {','.join(map(str, request.gpu_ids))}"
+    running = [lease for lease in state.leases if lease.state == "running"]
+    waiting = [lease for lease in state.leases if lease.state == "waiting"]
+    held_gpus, held_cpus = held_ids(running)
+    holders = ", ".join(f"{lease.id} ({lease.user}, {lease.name})" for lease in running[:5])
+    if len(running) > 5:
+        holders += f" and {len(running) - 5} more"
+    if request.gpu_ids is not None:
+        want = f"GPUs {','.join(map(str, request.gpu_ids))}"
+    else:
+        want = _plural(request.gpus, "GPU")
+    text = (
+        f"needs {want} and {_plural(request.cpus, 'CPU')}; {len(held_gpus)} of "
+        f"{len(config.gpus)} GPUs and {len(held_cpus)} of {len(config.cpus)} CPUs are held"
     )
-    return (
-        f"needs {want} and {request.cpus} CPUs; {len(held_gpus)} of {len(config.gpus)} "
-        f"GPUs and {len(held_cpus)} of {len(config.cpus)} CPUs are held by jobs {holders}"
-    )
+    if holders:
+        text += f" by jobs {holders}"
+    others = len(waiting) - 1
+    if others > 0:
+        text += f"; {others} other {'job waits' if others == 1 else 'jobs wait'}"
+    return text
 
 
 def job_env(lease: Lease) -> dict[str, str]:
@@ -231,132 +318,192 @@ def job_env(lease: Lease) -> dict[str, str]:
     return env
 
 
-def supervise(
-    ledger: Ledger,
-    config: Config,
+def finished_record(
     lease: Lease,
-    lock_fd: int,
-    executable: str,
-    command: list[str],
-) -> int:
-    """Start the command in the lease, pass signals on, wait for its whole tree, free the lease.
+    server: str,
+    ended: float,
+    code: int | None,
+    state: str,
+    reason: str | None = None,
+) -> dict[str, object]:
+    """The history line for a job that ended: `state` is exited, dead, cancelled, withdrawn
+    or expired, and `code` None unless it exited."""
+    record = lease.to_json()
+    del record["holders"], record["boot"]
+    command = [h.pid for h in lease.holders if h.role == "command"]
+    gpurun = [h.pid for h in lease.holders if h.role == "gpurun"]
+    record.update(
+        server=server,
+        state=state,
+        exit_code=code,
+        ended=ended,
+        pid=(command or gpurun or [None])[0],
+        duration=None if lease.started is None else round(ended - lease.started, 3),
+    )
+    if reason:
+        record["reason"] = reason
+    return record
 
-    Called with the forwarded signals and SIGCHLD blocked.
-    """
-    waitset = {*FORWARDED, signal.SIGCHLD}
-    pending = signal.sigpending() & set(ENDING)
-    if pending:
-        signum = min(pending)
-        _release(ledger, lease, lock_fd, None)
-        raise Interrupted(signum)
 
+def run_hook(command: str, record: dict[str, object]) -> None:
+    """Start `on_finish` with the job's record as JSON on stdin; never wait for it."""
+    import json
+
+    read_end, write_end = os.pipe()
+    data = json.dumps(record).encode() + b"\n"
     try:
-        if lease.cpus:
-            os.sched_setaffinity(0, lease.cpus)
-        _become_subreaper()
         pid = os.posix_spawn(
-            executable,
-            command,
-            job_env(lease),
+            "/bin/sh",
+            ["sh", "-c", command],
+            dict(os.environ, GPURUN_JOB_ID=str(record["id"])),
+            file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)],
+            setsid=True,
             setsigmask=(),
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
         )
     except OSError as exc:
-        _release(ledger, lease, lock_fd, None)
-        if isinstance(exc, PermissionError) or exc.errno in (8, 13):
-            raise CommandError(command[0], f"cannot run it ({exc.strerror})", 126) from None
-        if isinstance(exc, FileNotFoundError):
-            raise CommandError(command[0], "command not found", 127) from None
-        raise GpurunError(
-            f"cannot start {command[0]} on CPUs {format_cpulist(lease.cpus)}: {exc.strerror}"
-        ) from None
-    started = time.time()
-    lease = _record_command(ledger, lease, pid, started)
-
-    status = _wait_for_command(pid, waitset)
-    _end_leftovers(config.kill_grace)
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        name = signal.Signals(-code).name
-        _say(f"job {lease.id} ({lease.name}) was ended by {name}")
-        code = 128 - code
-    _release(ledger, lease, lock_fd, code, started)
-    return code
-
-
-def _wait_for_command(pid: int, waitset: set[int]) -> int:
-    """Pass signals on until the command exits; return its wait status."""
-    while True:
-        info = signal.sigwaitinfo(waitset)
-        if info.si_signo == signal.SIGCHLD:
-            status = _reap_children(pid)
-            if status is not None:
-                return status
-        elif info.si_code != SI_KERNEL:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, info.si_signo)
-
-
-def _reap_children(pid: int) -> int | None:
-    """Reap every exited child; return the command's wait status if it was among them."""
-    found = None
-    while True:
-        try:
-            child, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return found
-        if child == 0:
-            return found
-        if child == pid:
-            found = status
-
-
-def _end_leftovers(grace: float) -> None:
-    """End what the job left running: SIGTERM, then SIGKILL after `grace` seconds.
-
-    As subreaper, every such process is a descendant of gpurun, so "no children" means the
-    job's tree is gone.
-    """
-    if not _has_children():
+        log.warning("on_finish could not start: %s", exc.strerror)
         return
-    targets = liveness.descendants(os.getpid())
-    log.info("the command exited; ending %d processes it left: %s", len(targets), targets)
-    _signal_all(targets, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _has_children():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            _signal_all(liveness.descendants(os.getpid()), signal.SIGKILL)
-            deadline = time.monotonic() + 3600
-            continue
-        signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.5))
-        _reap_children(-1)
-
-
-def _has_children() -> bool:
+    finally:
+        os.close(read_end)
+    # The record fits a pipe's buffer, so this write does not wait for the hook; a record too
+    # large for it is cut short rather than delaying anything.
+    os.set_blocking(write_end, False)
     try:
-        child, _ = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return False
-    if child:
-        return _has_children()
-    return True
+        os.write(write_end, data)
+    except (BlockingIOError, BrokenPipeError):
+        log.debug("on_finish %d did not take its input", pid)
+    finally:
+        os.close(write_end)
 
 
-def _signal_all(pids: list[int], signum: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signum)
+def _new_entry(ledger: Ledger, spec: Spec, lease_id: int, now: float, detached: bool) -> Lease:
+    me = os.getpid()
+    return Lease(
+        id=lease_id,
+        kind="job",
+        state="waiting",
+        name=spec.name or os.path.basename(spec.command[0]),
+        user=_user_name(),
+        uid=os.getuid(),
+        host=os.uname().nodename,
+        gpus=(),
+        cpus=(),
+        command=tuple(spec.command),
+        created=now,
+        started=None,
+        holders=(Holder(me, liveness.process_start(me), "gpurun"),),
+        boot=liveness.boot_id(),
+        expires=None,
+        request=spec.request,
+        priority=spec.priority,
+        time_limit=spec.time_limit,
+        after=tuple(spec.after),
+        after_any=spec.after_any,
+        log=ledger.log_path(lease_id) if detached else None,
+    )
+
+
+def _position(state: State, entry: Lease) -> tuple[int, int]:
+    order = [lease.id for lease in queue_order(state.leases)]
+    return order.index(entry.id) + 1, len(order)
+
+
+class _Dependencies:
+    """Whether a lease's --after jobs let it start, from the ledger and then history."""
+
+    def __init__(self, ledger: Ledger, state: State) -> None:
+        self.ledger = ledger
+        self.live = {lease.id for lease in state.leases}
+        self.finished: dict[int, dict[str, object]] | None = None
+
+    def __call__(self, lease: Lease) -> str:
+        if not lease.after:
+            return READY
+        if any(dep in self.live for dep in lease.after):
+            return BLOCKED
+        return FAILED if self.reason(lease) else READY
+
+    def reason(self, lease: Lease) -> str | None:
+        """Why the dependencies failed, or None if they all succeeded as required."""
+        if self.finished is None:
+            self.finished = self.ledger.finished_jobs(
+                {dep for dep in lease.after if dep not in self.live}
+            )
+        for dep in lease.after:
+            record = self.finished.get(dep)
+            if record is None:
+                self.finished.update(self.ledger.finished_jobs({dep}))
+                record = self.finished.get(dep)
+            if record is None:
+                return f"job {dep} it runs after is unknown"
+            if lease.after_any:
+                continue
+            if record.get("exit_code") != 0:
+                how = record.get("exit_code")
+                outcome = f"exit {how}" if how is not None else str(record.get("state"))
+                return f"job {dep} it runs after failed ({outcome})"
+        return None
+
+
+def _check_known(ledger: Ledger, ids: tuple[int, ...]) -> None:
+    live = {lease.id for lease in ledger.read().leases}
+    unknown = set(ids) - live
+    if unknown:
+        unknown -= set(ledger.finished_jobs(unknown))
+    if unknown:
+        listed = ", ".join(map(str, sorted(unknown)))
+        raise NotFoundError(f"--after names no known job: {listed}; 'gpurun ps -a' lists them")
+
+
+def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str) -> int:
+    """Fork a gpurun that queues and runs the job in its own session; print the job's id."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with open(read_end, "rb") as pipe:
+            answer = pipe.read().decode(errors="replace").strip()
+        if answer.startswith("id "):
+            print(answer[3:])
+            return 0
+        raise GpurunError(answer.removeprefix("error ") or "the detached job could not be queued")
+
+    code = 125
+    try:
+        os.close(read_end)
+        os.setsid()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+
+        def queued(entry: Lease) -> None:
+            out = os.open(entry.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            os.write(write_end, f"id {entry.id}\n".encode())
+            os.close(write_end)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(out)
+
+        lease, lock_fd = reserve(ledger, config, spec, True, None, True, queued)
+        code = run_reserved(ledger, config, lease, lock_fd, executable)
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, GpurunError) else repr(exc)
+        with contextlib.suppress(OSError):
+            os.write(write_end, f"error {message}\n".encode())
+        with contextlib.suppress(OSError):
+            os.write(2, f"gpurun: {message}\n".encode())
+    finally:
+        os._exit(code)
 
 
 def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> Lease:
     """Add the command's pid and start time to the lease; the job lock covers a failure."""
     start = liveness.process_start(pid)
-    if start is None:
-        return lease
-    updated = lease._replace(
-        holders=(*lease.holders, Holder(pid, start, "command")), started=started
-    )
+    holders = lease.holders if start is None else (*lease.holders, Holder(pid, start, "command"))
+    updated = lease._replace(holders=holders, started=started)
     try:
         with ledger.transaction() as state:
             if state.find(lease.id) is not None:
@@ -370,11 +517,8 @@ def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> L
     return updated
 
 
-def _release(
-    ledger: Ledger, lease: Lease, lock_fd: int, code: int | None, started: float | None = None
-) -> None:
-    """Remove the lease, append the job to history (if it ran) and drop the job lock."""
-    now = time.time()
+def _release(ledger: Ledger, lease: Lease, lock_fd: int, code: int) -> dict[str, object]:
+    """Remove the lease, append the job to history and drop the job lock; return the record."""
     try:
         with ledger.transaction() as state:
             state.remove(lease.id)
@@ -384,30 +528,27 @@ def _release(
             lease.id,
             exc,
         )
-    if code is not None:
-        done = lease._replace(started=started or lease.started)
-        ledger.append_history([finished_record(done, ledger.server, now, code, "exited")])
+    record = finished_record(lease, ledger.server, time.time(), code, "exited")
+    ledger.append_history([record])
     os.close(lock_fd)
     _unlink(ledger.job_lock_path(lease.id))
-
-
-def finished_record(
-    lease: Lease, server: str, ended: float, code: int | None, state: str
-) -> dict[str, object]:
-    """The history line for a job that ended (`code` None when it was reaped dead)."""
-    record = lease.to_json()
-    del record["holders"], record["boot"], record["expires"]
-    command = [h.pid for h in lease.holders if h.role == "command"]
-    gpurun = [h.pid for h in lease.holders if h.role == "gpurun"]
-    record.update(
-        server=server,
-        state=state,
-        exit_code=code,
-        ended=ended,
-        pid=(command or gpurun or [None])[0],
-        duration=None if lease.started is None else round(ended - lease.started, 3),
-    )
     return record
+
+
+def _withdraw(ledger: Ledger, entry: Lease, lock_fd: int) -> None:
+    """Take a lease that never ran out of the ledger; nothing goes to history."""
+    try:
+        with ledger.transaction() as state:
+            state.remove(entry.id)
+    except LedgerError as exc:
+        log.warning(
+            "could not remove job %d from the ledger (%s); it is dead and will be reaped",
+            entry.id,
+            exc,
+        )
+    if lock_fd >= 0:
+        os.close(lock_fd)
+    _unlink(ledger.job_lock_path(entry.id))
 
 
 def _lock_job(ledger: Ledger, lease_id: int) -> int:
@@ -419,14 +560,48 @@ def _lock_job(ledger: Ledger, lease_id: int) -> int:
         ) from None
 
 
-def _become_subreaper() -> None:
-    import ctypes
+class _Progress:
+    """What a waiting gpurun tells its user: at a terminal, one status line kept up to date;
+    otherwise one line when it starts waiting and one when it starts running."""
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        log.debug("cannot become a child subreaper; orphans of the job go to init")
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.since = time.monotonic()
+        self.shown = False
+
+    def waiting(self, job_id: int, position: int, queued: int, busy: str) -> None:
+        waited = int(time.monotonic() - self.since)
+        line = (
+            f"gpurun: job {job_id} waiting {waited}s, {position} of {queued} in the queue: {busy}"
+        )
+        if self.tty:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns
+            sys.stderr.write("\r\033[K" + line[: max(width - 1, 20)])
+            sys.stderr.flush()
+        elif not self.shown:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        self.shown = True
+
+    def started(self, lease: Lease) -> None:
+        if not self.shown:
+            return
+        self.clear()
+        waited = time.monotonic() - self.since
+        supervise.say(
+            f"job {lease.id} starting after waiting {waited:.1f} s, on GPUs "
+            f"{','.join(map(str, lease.gpus)) or 'none'} and CPUs "
+            f"{format_cpulist(lease.cpus) or 'none'}"
+        )
+
+    def clear(self) -> None:
+        if self.tty and self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -445,48 +620,3 @@ def _user_name() -> str:
 def _unlink(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-def _say(message: str) -> None:
-    sys.stderr.write(f"gpurun: {message}\n")
-    sys.stderr.flush()
-
-
-class _Watcher:
-    """Wakes a waiting gpurun when a ledger in the state dir is replaced (inotify(7)).
-
-    Without inotify it simply sleeps; the poll interval bounds the wait either way, which
-    also catches leases whose processes died without anyone rewriting the ledger.
-    """
-
-    IN_MOVED_TO = 0x80
-
-    def __init__(self, folder: str) -> None:
-        self.fd = -1
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-            if fd >= 0 and libc.inotify_add_watch(fd, folder.encode(), self.IN_MOVED_TO) >= 0:
-                self.fd = fd
-            elif fd >= 0:
-                os.close(fd)
-        except (OSError, AttributeError):
-            self.fd = -1
-
-    def wait(self, seconds: float) -> None:
-        if self.fd < 0:
-            time.sleep(seconds)
-            return
-        import select
-
-        ready, _, _ = select.select([self.fd], [], [], seconds)
-        if ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self.fd, 65536)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

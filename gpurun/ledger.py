@@ -28,15 +28,17 @@ from collections import namedtuple
 
 from gpurun.errors import LedgerError
 from gpurun.log import get_logger
+from gpurun.placement import Request
 
 log = get_logger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2
 
 _HolderBase = namedtuple("_HolderBase", "pid start role")
 _LeaseBase = namedtuple(
     "_LeaseBase",
-    "id kind state name user uid host gpus cpus command created started holders boot expires",
+    "id kind state name user uid host gpus cpus command created started holders boot expires "
+    "request priority time_limit after after_any log",
 )
 
 
@@ -50,10 +52,16 @@ class Holder(_HolderBase):
 class Lease(_LeaseBase):
     """What a job or reservation holds.
 
-    id: int, unique per server; kind: "job" or "reservation"; state: "running"; name, user,
-    host: str; uid: int; gpus, cpus: tuples of ids; command: tuple of str; created, started:
-    Unix times (started None until the command runs); holders: tuple of Holder; boot: the boot
-    id the holders' start times count from; expires: Unix time or None.
+    id: int, unique per server and increasing, so it is also the arrival order; kind: "job" or
+    "reservation"; state: "waiting" (in the queue, holding nothing yet) or "running"; name,
+    user, host: str; uid: int; gpus, cpus: tuples of ids held; command: tuple of str; created,
+    started: Unix times (started None until the command runs); holders: tuple of Holder; boot:
+    the boot id the holders' start times count from; expires: Unix time or None; request: the
+    Request it was placed for; priority: int, higher first; time_limit: seconds or None;
+    after: ids of jobs that must end first; after_any: start after them whatever their exit
+    code (else only when all exited 0); log: the output file of a detached job, or None.
+
+    Schema 1 ledgers (gpurun 0.1) lack the fields from `request` on; they read as defaults.
     """
 
     __slots__ = ()
@@ -64,6 +72,12 @@ class Lease(_LeaseBase):
         record["cpus"] = list(self.cpus)
         record["command"] = list(self.command)
         record["holders"] = [h._asdict() for h in self.holders]
+        record["request"] = {
+            "gpus": self.request.gpus,
+            "cpus": self.request.cpus,
+            "gpu_ids": None if self.request.gpu_ids is None else list(self.request.gpu_ids),
+        }
+        record["after"] = list(self.after)
         return record
 
     @classmethod
@@ -73,7 +87,7 @@ class Lease(_LeaseBase):
             lease = cls(
                 id=_int(record["id"]),
                 kind=_choice(record["kind"], ("job", "reservation")),
-                state=_choice(record["state"], ("running",)),
+                state=_choice(record["state"], ("waiting", "running")),
                 name=_str(record["name"]),
                 user=_str(record["user"]),
                 uid=_int(record["uid"]),
@@ -89,6 +103,12 @@ class Lease(_LeaseBase):
                 ),
                 boot=_str(record["boot"]),
                 expires=None if record["expires"] is None else _num(record["expires"]),
+                request=_request(record.get("request"), record),
+                priority=_int(record.get("priority", 0)),
+                time_limit=_optional_num(record.get("time_limit")),
+                after=tuple(_int(i) for i in record.get("after", ())),
+                after_any=_bool(record.get("after_any", False)),
+                log=None if record.get("log") is None else _str(record["log"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"lease {record!r:.80} is malformed ({exc!r})") from None
@@ -96,8 +116,8 @@ class Lease(_LeaseBase):
 
 
 def _int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{value!r} is not an integer")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"{value!r} is not a whole number >= 0")
     return value
 
 
@@ -105,6 +125,28 @@ def _num(value: object) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{value!r} is not a number")
     return float(value)
+
+
+def _optional_num(value: object) -> float | None:
+    return None if value is None else _num(value)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{value!r} is not true or false")
+    return value
+
+
+def _request(value: object, record: dict[str, object]) -> Request:
+    """The request a lease was placed for; a schema 1 lease asked for what it holds."""
+    if value is None:
+        return Request(len(record["gpus"]), len(record["cpus"]), None)
+    gpu_ids = value["gpu_ids"]
+    return Request(
+        _int(value["gpus"]),
+        _int(value["cpus"]),
+        None if gpu_ids is None else tuple(_int(i) for i in gpu_ids),
+    )
 
 
 def _str(value: object) -> str:
@@ -170,6 +212,12 @@ class Ledger:
         self.lock_path = self.path + ".lock"
         self.history_path = os.path.join(state_dir, f"{server}.history.jsonl")
         self.jobs_dir = os.path.join(state_dir, "jobs")
+        self.logs_dir = os.path.join(state_dir, "logs")
+
+    def log_path(self, lease_id: int) -> str:
+        """Where a detached job's output goes. The server's name is part of it because ids are
+        per server and several servers may share one state dir."""
+        return os.path.join(self.logs_dir, f"{self.server}.{lease_id}.log")
 
     def job_lock_path(self, lease_id: int) -> str:
         return os.path.join(self.jobs_dir, f"{self.server}.{lease_id}.lock")
@@ -181,7 +229,7 @@ class Ledger:
         the ledger is replaced by rename, and in a sticky folder only a file's owner may rename
         over it (and fs.protected_regular refuses an O_CREAT open of another user's file).
         """
-        for folder in (self.state_dir, self.jobs_dir):
+        for folder in (self.state_dir, self.jobs_dir, self.logs_dir):
             try:
                 os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
                 os.mkdir(folder, 0o777)
@@ -385,6 +433,32 @@ class Ledger:
                 records.append(record)
         return records
 
+    def finished_jobs(self, ids: set[int]) -> dict[int, dict[str, object]]:
+        """The history records of these job ids, read from the end of the file backwards."""
+        wanted = set(ids)
+        found: dict[int, dict[str, object]] = {}
+        try:
+            f = open(self.history_path, "rb")  # noqa: SIM115 - closed below, read in blocks
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            raise LedgerError(self.history_path, f"cannot read: {exc.strerror}") from None
+        with f:
+            position = f.seek(0, os.SEEK_END)
+            carry = b""
+            while position > 0 and wanted:
+                step = min(65536, position)
+                position -= step
+                f.seek(position)
+                lines = (f.read(step) + carry).split(b"\n")
+                carry = lines.pop(0) if position > 0 else b""
+                for line in reversed(lines):
+                    record = _history_line(line, wanted)
+                    if record is not None:
+                        found[record["id"]] = record
+                        wanted.discard(record["id"])
+        return found
+
     def last_history_id(self) -> int:
         """The highest job id among the last history lines (0 when there are none)."""
         try:
@@ -416,6 +490,20 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(self.path, f"cannot move the ledger aside: {exc.strerror}") from None
         return aside
+
+
+def _history_line(line: bytes, wanted: set[int]) -> dict[str, object] | None:
+    """Parse a history line only if its id (written first) is one of `wanted`."""
+    if not line.startswith(b'{"id":'):
+        return None
+    head = line[6 : line.find(b",", 6)]
+    if not head.isdigit() or int(head) not in wanted:
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class Transaction:
@@ -471,3 +559,43 @@ def _lock_holder(fd: int) -> str:
                 cmd = ""
             return f"; held by pid {pid}" + (f" ({cmd[:60]})" if cmd else "")
     return ""
+
+
+class Watcher:
+    """Wakes a waiting gpurun when a ledger in the state dir is replaced (inotify(7)).
+
+    Without inotify it simply sleeps; the poll interval bounds the wait either way, which
+    also catches leases whose processes died without anyone rewriting the ledger.
+    """
+
+    IN_MOVED_TO = 0x80
+
+    def __init__(self, folder: str) -> None:
+        self.fd = -1
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd >= 0 and libc.inotify_add_watch(fd, folder.encode(), self.IN_MOVED_TO) >= 0:
+                self.fd = fd
+            elif fd >= 0:
+                os.close(fd)
+        except (OSError, AttributeError):
+            self.fd = -1
+
+    def wait(self, seconds: float) -> None:
+        if self.fd < 0:
+            time.sleep(seconds)
+            return
+        import select
+
+        ready, _, _ = select.select([self.fd], [], [], seconds)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.fd, 65536)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

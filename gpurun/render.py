@@ -55,6 +55,8 @@ def _state(job: dict[str, object]) -> str:
     code = job.get("exit_code")
     if job.get("state") == "exited" and code is not None:
         return f"exit {code}"
+    if job.get("state") == "waiting" and job.get("position"):
+        return f"waiting #{job['position']}"
     return str(job.get("state"))
 
 
@@ -92,13 +94,14 @@ def status_text(status: dict[str, object]) -> str:
     parts = []
     for server in status["servers"]:
         summary = table(
-            ["SERVER", "GPUS FREE", "CPUS FREE", "JOBS", "STATE"],
+            ["SERVER", "GPUS FREE", "CPUS FREE", "JOBS", "WAITING", "STATE"],
             [
                 [
                     server["name"],
                     f"{len(server['gpus_free'])}/{server['gpus_total']}",
                     f"{server['cpus_free']}/{server['cpus_total']}",
                     str(server["jobs"]),
+                    str(server["waiting"]),
                     server["state"],
                 ]
             ],

@@ -143,4 +143,4 @@ def test_make_demo_places_three_jobs_apart(tmp_path):
     assert sorted([gpus["first"], gpus["second"]]) == ["0,1", "2,3"]
     affinity = {name: line.split("CPU affinity=")[1].split("]")[0] for name, line in given.items()}
     assert affinity["first"] != affinity["second"]
-    assert "gpurun: waiting" in result.stderr
+    assert "waiting" in result.stderr and "in the queue" in result.stderr

@@ -1,0 +1,142 @@
+"""The queue's rules: which waiting jobs may start now.
+
+Pure functions over a ledger's leases, so every waiting gpurun, deciding for itself under the
+ledger lock, reaches the same answer.
+
+Order: higher priority first, then arrival (the lease id). A job may start when it fits in
+what is free and it delays no job ahead of it: with W1..Wk the jobs passed over so far,
+(free now - what it takes) + (held by running jobs) must cover W1..Wk together, for GPUs and
+CPUs alike. That is, the job plus everything ahead of it must fit in what the server will have
+once the running jobs end. Reservations without an expiry never end, so they do not count as
+coming back.
+
+Backfill: a job with a time limit may also start on what the jobs ahead need, if it ends before
+the first of them could start anyway. That start time is only known when every running job has
+a limit (or expiry); otherwise nothing backfills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gpurun.ledger import Lease
+from gpurun.placement import place
+
+READY = "ready"
+BLOCKED = "blocked"
+FAILED = "failed"
+
+
+def queue_order(leases: list[Lease]) -> list[Lease]:
+    """The waiting leases, first to start first."""
+    return sorted(
+        (lease for lease in leases if lease.state == "waiting"),
+        key=lambda lease: (-lease.priority, lease.id),
+    )
+
+
+def admit(
+    leases: list[Lease],
+    gpus: tuple[int, ...],
+    cpus: tuple[int, ...],
+    now: float,
+    dependencies: Callable[[Lease], str],
+) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Return {lease id: (gpus, cpus)} for every waiting lease that may start now.
+
+    `dependencies(lease)` says whether its --after jobs let it start (READY), not yet
+    (BLOCKED) or never (FAILED); only READY ones are considered, and the others hold nothing
+    back, since they could not start anyway.
+    """
+    running = [lease for lease in leases if lease.state == "running"]
+    held_gpus = {g for lease in running for g in lease.gpus}
+    held_cpus = {c for lease in running for c in lease.cpus}
+    fixed_gpus = {g for lease in running if _never_ends(lease) for g in lease.gpus}
+    fixed_cpus = {c for lease in running if _never_ends(lease) for c in lease.cpus}
+    capacity_gpus = sum(1 for g in gpus if g not in fixed_gpus)
+    capacity_cpus = sum(1 for c in cpus if c not in fixed_cpus)
+    ends = [
+        (_end_time(lease), len(lease.gpus), len(lease.cpus))
+        for lease in running
+        if not _never_ends(lease)
+    ]
+
+    admitted: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    ahead: list[Lease] = []
+    for lease in queue_order(leases):
+        if dependencies(lease) != READY:
+            continue
+        kept_gpus = {g for w in ahead if w.request.gpu_ids for g in w.request.gpu_ids}
+        spot = place(lease.request, gpus, cpus, held_gpus | kept_gpus, held_cpus)
+        free_gpus = sum(1 for g in gpus if g not in held_gpus)
+        free_cpus = sum(1 for c in cpus if c not in held_cpus)
+        if spot is not None and not _delays_anyone(
+            lease, ahead, capacity_gpus, capacity_cpus, free_gpus, free_cpus, ends, now
+        ):
+            admitted[lease.id] = spot
+            held_gpus.update(spot[0])
+            held_cpus.update(spot[1])
+            ends.append(
+                (now + lease.time_limit if lease.time_limit else None, len(spot[0]), len(spot[1]))
+            )
+        else:
+            ahead.append(lease)
+    return admitted
+
+
+def _never_ends(lease: Lease) -> bool:
+    return lease.kind == "reservation" and lease.expires is None
+
+
+def _end_time(lease: Lease) -> float | None:
+    """When the lease ends at the latest, or None if it has no limit."""
+    if lease.kind == "reservation":
+        return lease.expires
+    if lease.time_limit is None:
+        return None
+    return (lease.started or lease.created) + lease.time_limit
+
+
+def _delays_anyone(
+    lease: Lease,
+    ahead: list[Lease],
+    capacity_gpus: int,
+    capacity_cpus: int,
+    free_gpus: int,
+    free_cpus: int,
+    ends: list[tuple[float | None, int, int]],
+    now: float,
+) -> bool:
+    if not ahead:
+        return False
+    need_gpus = sum(w.request.gpus for w in ahead)
+    need_cpus = sum(w.request.cpus for w in ahead)
+    if (
+        capacity_gpus - lease.request.gpus >= need_gpus
+        and capacity_cpus - lease.request.cpus >= need_cpus
+    ):
+        return False
+    if lease.time_limit is None:
+        return True
+    first_start = _earliest_start(ahead[0], free_gpus, free_cpus, ends)
+    return first_start is None or now + lease.time_limit > first_start
+
+
+def _earliest_start(
+    first: Lease,
+    free_gpus: int,
+    free_cpus: int,
+    ends: list[tuple[float | None, int, int]],
+) -> float | None:
+    """When the first job ahead could start if running jobs end at their limits (None: unknown)."""
+    if any(end is None for end, _, _ in ends):
+        return None
+    need_gpus, need_cpus = first.request.gpus, first.request.cpus
+    if free_gpus >= need_gpus and free_cpus >= need_cpus:
+        return 0.0
+    for end, gpus, cpus in sorted(ends):
+        free_gpus += gpus
+        free_cpus += cpus
+        if free_gpus >= need_gpus and free_cpus >= need_cpus:
+            return end
+    return None

@@ -1,0 +1,162 @@
+"""Start a job's command and watch its process tree until every process of it is gone.
+
+The command is started with posix_spawn (no `subprocess`, no extra exec) after gpurun pinned
+itself to the job's CPUs, so the command is pinned before it runs a line of its own.
+
+Signals: gpurun blocks the signals it forwards and takes them with sigwaitinfo, which also says
+who sent each. The command stays in gpurun's process group, so at a terminal it is in the
+foreground (the keyboard works) and Ctrl-C reaches it straight from the kernel; gpurun then
+does not pass that signal on again (si_code SI_KERNEL), so the command sees it once. Signals
+sent to gpurun by a process (kill, a scheduler) are passed on to the command.
+
+gpurun makes itself a child subreaper (prctl(2) PR_SET_CHILD_SUBREAPER): processes the job
+leaves behind when their parent exits are re-parented to gpurun, not to init, so the whole
+tree stays visible and is ended before the lease is freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+
+from gpurun import liveness
+from gpurun.log import get_logger
+
+log = get_logger(__name__)
+
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+# Signals that end a waiting gpurun cleanly, leaving nothing in the ledger.
+ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+BLOCKED = (*FORWARDED, signal.SIGCHLD)
+SI_KERNEL = 0x80
+
+
+def spawn(executable: str, command: list[str], env: dict[str, str], cpus: tuple[int, ...]) -> int:
+    """Start the command pinned to `cpus` (all of ours when empty); return its pid.
+
+    Call with BLOCKED signals blocked; the command starts with none blocked.
+    """
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    _become_subreaper()
+    return os.posix_spawn(
+        executable,
+        command,
+        env,
+        setsigmask=(),
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+
+
+def wait_for_command(
+    pid: int, deadline: float | None, grace: float, on_overrun: object = None
+) -> int:
+    """Pass signals on until the command exits; return its wait status.
+
+    With a `deadline` (time.monotonic()), the job gets SIGTERM then, and SIGKILL `grace`
+    seconds later; `on_overrun()` is called once when the deadline passes.
+    """
+    waitset = set(BLOCKED)
+    kill_at = None
+    while True:
+        if deadline is None:
+            info = signal.sigwaitinfo(waitset)
+        else:
+            info = signal.sigtimedwait(waitset, max(0.0, deadline - time.monotonic()))
+        if info is None:
+            if kill_at is None:
+                if callable(on_overrun):
+                    on_overrun()
+                signal_tree(signal.SIGTERM)
+                kill_at = time.monotonic() + grace
+                deadline = kill_at
+            else:
+                signal_tree(signal.SIGKILL)
+                deadline = None
+            continue
+        if info.si_signo == signal.SIGCHLD:
+            status = reap_children(pid)
+            if status is not None:
+                return status
+        elif info.si_code != SI_KERNEL:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, info.si_signo)
+
+
+def reap_children(pid: int) -> int | None:
+    """Reap every exited child; return the command's wait status if it was among them."""
+    found = None
+    while True:
+        try:
+            child, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found
+        if child == 0:
+            return found
+        if child == pid:
+            found = status
+
+
+def end_leftovers(grace: float) -> None:
+    """End what the job left running: SIGTERM, then SIGKILL after `grace` seconds.
+
+    As subreaper, every such process is a descendant of gpurun, so "no children" means the
+    job's tree is gone. Waits for processes that ignore even SIGKILL (stuck in the kernel):
+    their GPU may still be in use.
+    """
+    if not _has_children():
+        return
+    log.info("the command exited; ending what it left: %s", liveness.descendants(os.getpid()))
+    signal_tree(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    killed = False
+    while _has_children():
+        left = deadline - time.monotonic()
+        if left <= 0 and not killed:
+            signal_tree(signal.SIGKILL)
+            killed = True
+        signal.sigtimedwait({signal.SIGCHLD}, 0.5 if killed else min(left, 0.5))
+        reap_children(-1)
+
+
+def signal_tree(signum: int) -> None:
+    """Send `signum` to every process below this one."""
+    for pid in liveness.descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def _has_children() -> bool:
+    while True:
+        try:
+            child, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if child == 0:
+            return True
+
+
+def _become_subreaper() -> None:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        log.debug("cannot become a child subreaper; orphans of the job go to init")
+
+
+def say(message: str) -> None:
+    """One line for the user on stderr."""
+    sys.stderr.write(f"gpurun: {message}\n")
+    sys.stderr.flush()
