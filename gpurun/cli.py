@@ -33,7 +33,7 @@ usage: gpurun [run] [-g N] [-c N] [--gpu-ids IDS] [-n NAME] [--no-wait] [--timeo
        gpurun ps [-a] [--json]
        gpurun gc [--dry-run] [--json]
        gpurun status [--json]
-       gpurun kill JOB [-s SIGNAL]
+       gpurun kill JOB [-s SIGNAL] [--json]
        gpurun reset [--yes] [--force]
        gpurun logs JOB [-f]
        gpurun wait JOB...
@@ -128,6 +128,8 @@ def _job_ids(text: str) -> tuple[int, ...]:
 def _name(text: str) -> str:
     if not text or not text.isprintable() or len(text) > 200:
         raise argparse.ArgumentTypeError("expected a printable name of 1-200 characters")
+    if text.isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' would read as a job id; add a letter")
     return text
 
 
@@ -317,9 +319,22 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(command: str, args: argparse.Namespace) -> int:
     from gpurun.config import load_config
 
-    if command == "run":
-        return _run(args, load_config(args.config))
     config = load_config(args.config)
+    if args.verbose:
+        import logging
+
+        from gpurun.cpulist import format_cpulist
+
+        logging.getLogger("gpurun.cli").debug(
+            "config %s; server %s; state dir %s; GPUs %s; CPUs %s",
+            config.path or "(built-in defaults)",
+            config.server,
+            config.state_dir,
+            ",".join(map(str, config.gpus)) or "none",
+            format_cpulist(config.cpus) or "none",
+        )
+    if command == "run":
+        return _run(args, config)
     from gpurun import jobs, render
 
     if command == "ps":
@@ -363,7 +378,8 @@ def _run(args: argparse.Namespace, config: object) -> int:
     gpus = args.gpus
     if args.gpu_ids is not None:
         if gpus is not None and gpus != len(args.gpu_ids):
-            raise UsageError(f"-g {gpus} disagrees with --gpu-ids {args.gpu_ids}; give one")
+            ids = ",".join(map(str, args.gpu_ids))
+            raise UsageError(f"-g {gpus} disagrees with --gpu-ids {ids}; give only one of them")
         gpus = len(args.gpu_ids)
     gpus = gpus or 0
     cpus = args.cpus
@@ -383,7 +399,25 @@ def _run(args: argparse.Namespace, config: object) -> int:
         after=args.after or args.after_any or (),
         after_any=args.after_any is not None,
     )
-    return run_job(config, spec, wait=not args.no_wait, timeout=args.timeout, detach=args.detach)
+    try:
+        return run_job(
+            config, spec, wait=not args.no_wait, timeout=args.timeout, detach=args.detach
+        )
+    except CommandError as exc:
+        raise _with_hint(exc, args.command[0]) from None
+
+
+def _with_hint(exc: CommandError, word: str) -> CommandError:
+    """Add "did you mean 'gpurun status'?" when a typo ran as a command."""
+    if exc.exit_code != 127 or "/" in word:
+        return exc
+    import difflib
+
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.7)
+    if not close:
+        return exc
+    problem = exc.message.split(": ", 1)[1]
+    return CommandError(word, f"{problem}; did you mean 'gpurun {close[0]}'?", 127)
 
 
 def _confirm(question: str) -> bool:

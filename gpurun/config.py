@@ -76,12 +76,16 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
             known = ", ".join(KEYS)
             raise fail(str(key), f"unknown key; the known keys are {known}")
 
-    state_dir = os.environ.get("GPURUN_STATE_DIR") or raw.get("state_dir", DEFAULT_STATE_DIR)
-    if not isinstance(state_dir, str) or not state_dir.strip():
-        raise fail("state_dir", "must be a folder path")
-    state_dir = os.path.expanduser(state_dir)
-    if path and not os.path.isabs(state_dir):
-        state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
+    from_env = os.environ.get("GPURUN_STATE_DIR")
+    if from_env:
+        state_dir = os.path.abspath(os.path.expanduser(from_env))
+    else:
+        state_dir = raw.get("state_dir", DEFAULT_STATE_DIR)
+        if not isinstance(state_dir, str) or not state_dir.strip():
+            raise fail("state_dir", "must be a folder path")
+        state_dir = os.path.expanduser(state_dir)
+        if path and not os.path.isabs(state_dir):
+            state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
 
     try:
         gpus = _gpu_ids(raw.get("gpus", "auto"))
@@ -96,14 +100,14 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
     if per_gpu == "auto":
         per_gpu = len(cpus) // len(gpus) if gpus else 0
     elif not _is_int(per_gpu) or per_gpu < 0:
-        raise fail("cpus_per_gpu", f"must be 'auto' or a whole number >= 0, not {per_gpu!r}")
+        raise fail("cpus_per_gpu", f"must be 'auto' or a whole number >= 0, not {_yaml(per_gpu)}")
 
     lock_timeout = raw.get("lock_timeout", 60)
     if not _is_number(lock_timeout) or lock_timeout <= 0:
-        raise fail("lock_timeout", f"must be a number of seconds > 0, not {lock_timeout!r}")
+        raise fail("lock_timeout", f"must be a number of seconds > 0, not {_yaml(lock_timeout)}")
     kill_grace = raw.get("kill_grace", 10)
     if not _is_number(kill_grace) or kill_grace < 0:
-        raise fail("kill_grace", f"must be a number of seconds >= 0, not {kill_grace!r}")
+        raise fail("kill_grace", f"must be a number of seconds >= 0, not {_yaml(kill_grace)}")
 
     on_finish = raw.get("on_finish")
     if on_finish is not None and (not isinstance(on_finish, str) or not on_finish.strip()):
@@ -123,6 +127,19 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
     )
 
 
+def _yaml(value: object) -> str:
+    """A value as YAML spells it, for messages: null, true, 'text'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "a mapping"
+    return str(value)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -137,7 +154,7 @@ def _id_list(value: object, what: str) -> list[int]:
     ids: list[int] = []
     for item in value:
         if not _is_int(item) or item < 0:
-            raise ValueError(f"{what} ids must be whole numbers >= 0, not {item!r}")
+            raise ValueError(f"{what} ids must be whole numbers >= 0, not {_yaml(item)}")
         if item in ids:
             raise ValueError(f"{what} id {item} is listed twice")
         ids.append(item)
@@ -160,7 +177,7 @@ def _gpu_ids(value: object) -> list[int]:
             f"YAML reads {value} as the string '{value}', not a list; "
             f"write a list: gpus: [{value.replace(',', ', ')}]"
         )
-    raise ValueError(f"must be 'auto', a count or a list of ids like [0, 2, 3], not {value!r}")
+    raise ValueError(f"must be 'auto', a count or a list of ids like [0, 2, 3], not {_yaml(value)}")
 
 
 def _cpu_ids(value: object) -> list[int]:
@@ -182,7 +199,7 @@ def _cpu_ids(value: object) -> list[int]:
         ids = parse_cpulist(value)
     else:
         raise ValueError(
-            f"must be 'auto', a count, a list or a cpulist like \"0-7\", not {value!r}"
+            f"must be 'auto', a count, a list or a cpulist like \"0-7\", not {_yaml(value)}"
         )
     missing = sorted(set(ids) - set(host))
     if missing:

@@ -91,7 +91,8 @@ def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, 
     now = time.time()
     rows = []
     if include_finished:
-        rows.extend(history_view(r) for r in ledger.read_history())
+        finished = [history_view(r) for r in ledger.read_history()]
+        rows.extend(sorted(finished, key=lambda view: view["id"] or 0))
     positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
     for lease in state.leases:
         alive = liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
@@ -156,7 +157,8 @@ def server_status(config: Config) -> dict[str, object]:
         if view["cpus"]:
             cpu_groups.append(
                 {
-                    "cpus": format_cpulist(view["cpus"]),
+                    "cpulist": format_cpulist(view["cpus"]),
+                    "ids": view["cpus"],
                     "count": len(view["cpus"]),
                     "job": view["id"],
                     "user": view["user"],
@@ -168,7 +170,8 @@ def server_status(config: Config) -> dict[str, object]:
     if free_cpus:
         cpu_groups.append(
             {
-                "cpus": format_cpulist(free_cpus),
+                "cpulist": format_cpulist(free_cpus),
+                "ids": free_cpus,
                 "count": len(free_cpus),
                 "job": None,
                 "user": None,
@@ -218,7 +221,9 @@ def parse_signal(text: str) -> signal.Signals:
         name = text.upper()
         return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
     except (KeyError, ValueError):
-        raise UsageError(f"unknown signal '{text}'; use a name like TERM or a number") from None
+        raise UsageError(
+            f"unknown signal '{text}'; use a name like TERM or a number from 1 to 64"
+        ) from None
 
 
 def kill_job(
@@ -227,7 +232,15 @@ def kill_job(
     """Signal every process of a job; after TERM-like signals, KILL what is left after the
     grace period. Returns the job as `ps` shows it, with the signals sent."""
     ledger = open_ledger(config)
-    lease = find_lease(ledger.read(), ref)
+    try:
+        lease = find_lease(ledger.read(), ref)
+    except NotFoundError:
+        ended = ledger.finished_jobs({int(ref)}).get(int(ref)) if ref.isdigit() else None
+        if ended is None:
+            raise
+        how = ended.get("exit_code")
+        outcome = f"exit {how}" if how is not None else ended.get("state")
+        raise NotFoundError(f"job {ref} has already ended ({outcome})") from None
     if os.getuid() not in (0, lease.uid):
         raise RefusedError(
             f"job {lease.id} belongs to {lease.user}; only its owner or root may kill it"
@@ -287,7 +300,9 @@ def _wait_gone(lease: Lease, seconds: float) -> bool:
 def _wait_released(ledger: Ledger, lease: Lease, seconds: float) -> None:
     """Give the job's gpurun time to free the lease; reap it ourselves if gpurun is gone."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    gpurun = [h for h in lease.holders if h.role == "gpurun"]
+    supervised = any(liveness.holder_alive(h.pid, h.start) for h in gpurun)
+    while supervised and time.monotonic() < deadline:
         if ledger.read().find(lease.id) is None:
             return
         time.sleep(0.02)

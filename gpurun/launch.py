@@ -168,8 +168,15 @@ def reserve(
                 on_queued(entry)
                 on_queued = None
             if entry.state == "running":
+                log.info(
+                    "job %d placed on GPUs %s and CPUs %s",
+                    entry.id,
+                    ",".join(map(str, entry.gpus)) or "none",
+                    format_cpulist(entry.cpus) or "none",
+                )
                 progress.started(entry)
                 return entry, lock_fd
+            log.debug("job %d waits, %d of %d in the queue", entry.id, position, queued)
 
             signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
             left = None if deadline is None else deadline - time.monotonic()
@@ -216,6 +223,7 @@ def run_reserved(
             f"cannot start {lease.command[0]} on CPUs {format_cpulist(lease.cpus)}: {exc.strerror}"
         ) from None
     started = time.time()
+    log.info("job %d started: pid %d, %s", lease.id, pid, " ".join(lease.command))
     lease = _record_command(ledger, lease, pid, started)
 
     deadline = None
@@ -528,6 +536,7 @@ def _release(ledger: Ledger, lease: Lease, lock_fd: int, code: int) -> dict[str,
             lease.id,
             exc,
         )
+    log.info("job %d ended with %d; its lease is freed", lease.id, code)
     record = finished_record(lease, ledger.server, time.time(), code, "exited")
     ledger.append_history([record])
     os.close(lock_fd)

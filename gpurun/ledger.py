@@ -336,11 +336,15 @@ class Ledger:
     def lock(self) -> int:
         """Take the ledger lock, waiting up to lock_timeout; return the descriptor to unlock."""
         fd = self._open_lock_file()
-        deadline = time.monotonic() + self.lock_timeout
+        began = time.monotonic()
+        deadline = began + self.lock_timeout
         pause = 0.0005
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                log.debug(
+                    "took %s after %.1f ms", self.lock_path, (time.monotonic() - began) * 1000
+                )
                 return fd
             except BlockingIOError:
                 pass

@@ -21,15 +21,20 @@ class Request(_RequestBase):
 
 def check_possible(request: Request, gpus: tuple[int, ...], cpus: tuple[int, ...]) -> None:
     """Raise CapacityError when the request could never fit this server, even empty."""
-    have = f"this server has {len(gpus)} GPUs ({_ids(gpus)}) and {len(cpus)} CPUs ({_cpus(cpus)})"
+    have = (
+        f"this server has {_plural(len(gpus), 'GPU')} ({_ids(gpus)}) and "
+        f"{_plural(len(cpus), 'CPU')} ({_cpus(cpus)})"
+    )
     if request.gpu_ids is not None:
         unknown = [i for i in request.gpu_ids if i not in gpus]
         if unknown:
-            raise CapacityError(f"no GPU {','.join(map(str, unknown))}: {have}")
+            raise CapacityError(f"no GPU {','.join(map(str, unknown))}: {have}; pick ids it has")
     if request.gpus > len(gpus):
-        raise CapacityError(f"asked for {request.gpus} GPUs but {have}")
+        raise CapacityError(f"asked for {_plural(request.gpus, 'GPU')} but {have}; ask for fewer")
     if request.cpus > len(cpus):
-        raise CapacityError(f"asked for {request.cpus} CPUs but {have}")
+        raise CapacityError(
+            f"asked for {_plural(request.cpus, 'CPU')} but {have}; ask for fewer with -c"
+        )
 
 
 def place(
@@ -71,6 +76,10 @@ def pick_cpus(free: list[int], count: int) -> list[int]:
         if i < len(free) and free[i] != free[i - 1] + 1:
             run_start = i
     return free[:count]
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _ids(ids: tuple[int, ...]) -> str:

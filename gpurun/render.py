@@ -127,7 +127,7 @@ def status_text(status: dict[str, object]) -> str:
             ["CPUS", "COUNT", "STATE", "JOB", "USER", "NAME"],
             [
                 [
-                    c["cpus"],
+                    c["cpulist"],
                     str(c["count"]),
                     c["state"],
                     str(c["job"] or "-"),
