@@ -118,7 +118,12 @@ def reserve(
     watcher = None
     entry: Lease | None = None
     lock_fd = -1
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in supervise.ENDING[1:]}
+    # SIGTERM and SIGHUP end the wait cleanly, unless they are ignored (nohup, a detached job).
+    previous = {
+        sig: signal.signal(sig, _raise_interrupted)
+        for sig in supervise.ENDING[1:]
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         while True:
             signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
@@ -131,22 +136,21 @@ def reserve(
                     lock_fd = _lock_job(ledger, lease_id)
                     entry = _new_entry(ledger, spec, lease_id, now, detached)
                     state.add(entry)
-                elif state.find(entry.id) is None:
+                entry = state.find(entry.id)
+                if entry is None:
                     raise GpurunError(
-                        f"job {entry.id} was taken out of the queue (by 'gpurun "
+                        f"job {lease_id} was taken out of the queue (by 'gpurun "
                         "reset'?); it did not run"
                     )
                 dependencies = _Dependencies(ledger, state)
-                if dependencies(entry) == FAILED:
+                if entry.state == "waiting" and dependencies(entry) == FAILED:
                     state.remove(entry.id)
                     cancelled = dependencies.reason(entry)
                 else:
-                    spot = admit(state.leases, config.gpus, config.cpus, now, dependencies).get(
-                        entry.id
-                    )
-                    if spot is not None:
-                        entry = entry._replace(state="running", gpus=spot[0], cpus=spot[1])
-                        state.replace(entry)
+                    place_admitted(state, config, now, dependencies)
+                    entry = state.find(entry.id)
+                    if entry.state == "running":
+                        pass
                     elif not wait:
                         raise BusyError(
                             f"{describe_busy(spec.request, config, state)}; not waiting (--no-wait)"
@@ -155,18 +159,15 @@ def reserve(
                         position, queued = _position(state, entry)
                         busy = describe_busy(spec.request, config, state)
             forget_dead(ledger, dead, now)
-            if cancelled is not None:
-                ledger.append_history(
-                    [
-                        finished_record(
-                            entry, ledger.server, time.time(), None, "cancelled", cancelled
-                        )
-                    ]
-                )
-                raise DependencyFailed(f"job {entry.id} was cancelled: {cancelled}")
             if callable(on_queued):
                 on_queued(entry)
                 on_queued = None
+            if cancelled is not None:
+                record = finished_record(
+                    entry, ledger.server, time.time(), None, "cancelled", cancelled
+                )
+                ledger.append_history([record])
+                raise DependencyFailed(f"job {entry.id} was cancelled: {cancelled}")
             if entry.state == "running":
                 log.info(
                     "job %d placed on GPUs %s and CPUs %s",
@@ -243,10 +244,23 @@ def run_reserved(
     if code < 0:
         supervise.say(f"job {lease.id} ({lease.name}) was ended by {signal.Signals(-code).name}")
         code = 128 - code
-    record = _release(ledger, lease, lock_fd, code)
+    record = _release(ledger, config, lease, lock_fd, code)
     if config.on_finish:
         run_hook(config.on_finish, record)
     return code
+
+
+def place_admitted(state: State, config: Config, now: float, dependencies: object) -> None:
+    """Give every waiting lease the queue's rules admit now its GPUs and CPUs (under the lock).
+
+    Whoever holds the lock places all of them in queue order, so placement follows the queue
+    even when the waiting gpurun processes wake in another order; each then finds its lease
+    placed and starts its command.
+    """
+    admitted = admit(state.leases, config.gpus, config.cpus, now, dependencies)
+    for lease_id, (gpus, cpus) in admitted.items():
+        lease = state.find(lease_id)
+        state.replace(lease._replace(state="running", gpus=gpus, cpus=cpus, placed=now))
 
 
 def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
@@ -409,6 +423,7 @@ def _new_entry(ledger: Ledger, spec: Spec, lease_id: int, now: float, detached: 
         after=tuple(spec.after),
         after_any=spec.after_any,
         log=ledger.log_path(lease_id) if detached else None,
+        placed=None,
     )
 
 
@@ -525,11 +540,15 @@ def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> L
     return updated
 
 
-def _release(ledger: Ledger, lease: Lease, lock_fd: int, code: int) -> dict[str, object]:
-    """Remove the lease, append the job to history and drop the job lock; return the record."""
+def _release(
+    ledger: Ledger, config: Config, lease: Lease, lock_fd: int, code: int
+) -> dict[str, object]:
+    """Remove the lease, place the jobs that can start now, append the job to history and
+    drop the job lock; return the history record."""
     try:
         with ledger.transaction() as state:
             state.remove(lease.id)
+            place_admitted(state, config, time.time(), _Dependencies(ledger, state))
     except LedgerError as exc:
         log.warning(
             "could not remove lease %d (%s); the next gpurun or 'gpurun gc' will reap it",

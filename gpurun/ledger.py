@@ -38,7 +38,7 @@ _HolderBase = namedtuple("_HolderBase", "pid start role")
 _LeaseBase = namedtuple(
     "_LeaseBase",
     "id kind state name user uid host gpus cpus command created started holders boot expires "
-    "request priority time_limit after after_any log",
+    "request priority time_limit after after_any log placed",
 )
 
 
@@ -59,7 +59,8 @@ class Lease(_LeaseBase):
     the boot id the holders' start times count from; expires: Unix time or None; request: the
     Request it was placed for; priority: int, higher first; time_limit: seconds or None;
     after: ids of jobs that must end first; after_any: start after them whatever their exit
-    code (else only when all exited 0); log: the output file of a detached job, or None.
+    code (else only when all exited 0); log: the output file of a detached job, or None;
+    placed: when it was given its GPUs and CPUs (None while waiting).
 
     Schema 1 ledgers (gpurun 0.1) lack the fields from `request` on; they read as defaults.
     """
@@ -109,6 +110,7 @@ class Lease(_LeaseBase):
                 after=tuple(_int(i) for i in record.get("after", ())),
                 after_any=_bool(record.get("after_any", False)),
                 log=None if record.get("log") is None else _str(record["log"]),
+                placed=_optional_num(record.get("placed")),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"lease {record!r:.80} is malformed ({exc!r})") from None
