@@ -1,3 +1,3 @@
-from gpurun.cli import entry
+from gpurun.entry import main
 
-entry()
+main()

@@ -51,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _count(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
     return int(text)
 
@@ -68,7 +68,7 @@ def _seconds(text: str) -> float:
 
 def _gpu_ids(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
+    if not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
         raise argparse.ArgumentTypeError(f"expected GPU ids like 0,3, got '{text}'")
     ids = tuple(int(p) for p in parts)
     if len(set(ids)) != len(ids):
@@ -120,7 +120,7 @@ def _priority(text: str) -> int:
 
 def _job_ids(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts):
+    if not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in parts):
         raise argparse.ArgumentTypeError(f"expected job ids like 4,7, got '{text}'")
     return tuple(int(p) for p in parts)
 
@@ -128,7 +128,7 @@ def _job_ids(text: str) -> tuple[int, ...]:
 def _name(text: str) -> str:
     if not text or not text.isprintable() or len(text) > 200:
         raise argparse.ArgumentTypeError("expected a printable name of 1-200 characters")
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         raise argparse.ArgumentTypeError(f"'{text}' would read as a job id; add a letter")
     return text
 
@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run gpurun with `argv` (default sys.argv[1:]); return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = False
+    # Commands and names may hold bytes that are not valid in the locale's encoding.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         if not argv or argv[0] in ("-h", "--help"):
             sys.stdout.write(USAGE)
@@ -286,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.command = args.command[1:]
         else:
             args = build_parser(command).parse_args(rest)
+        if args.config == "":
+            raise UsageError("--config needs a file path")
         verbose = args.verbose
         if verbose:
             _configure_logging()
@@ -437,10 +442,11 @@ def _configure_logging() -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"gpurun: {message}\n")
+    """Print one line: control characters in what the user typed are shown escaped."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    try:
+        sys.stderr.write(f"gpurun: {line}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
     return code
-
-
-def entry() -> None:
-    """The console script."""
-    sys.exit(main())

@@ -23,16 +23,16 @@ KEYS = ("state_dir", "gpus", "cpus", "cpus_per_gpu", "lock_timeout", "kill_grace
 
 _ConfigBase = namedtuple(
     "_ConfigBase",
-    "path state_dir server gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish",
+    "path state_dir server server_named gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish",
 )
 
 
 class Config(_ConfigBase):
     """The checked settings of one run.
 
-    path: the file read ("" for built-in defaults); state_dir: str; server: this host's short
-    name, which names its ledger; gpus, cpus: sorted tuples of ids; cpus_per_gpu: int;
-    lock_timeout, kill_grace: float seconds; on_finish: a shell command run after each job
+    path: the file read ("" for built-in defaults); state_dir: str; server: the name of this
+    host's ledger, its short hostname unless $GPURUN_SERVER names it (server_named: bool);
+    gpus, cpus: sorted tuples of ids; cpus_per_gpu: int; lock_timeout, kill_grace: float seconds; on_finish: a shell command run after each job
     ends, with the job's record as JSON on stdin, or None.
     """
 
@@ -78,10 +78,12 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
 
     from_env = os.environ.get("GPURUN_STATE_DIR")
     if from_env:
+        if "\0" in from_env:
+            raise ConfigError("$GPURUN_STATE_DIR", "is not a folder path")
         state_dir = os.path.abspath(os.path.expanduser(from_env))
     else:
         state_dir = raw.get("state_dir", DEFAULT_STATE_DIR)
-        if not isinstance(state_dir, str) or not state_dir.strip():
+        if not isinstance(state_dir, str) or not state_dir.strip() or "\0" in state_dir:
             raise fail("state_dir", "must be a folder path")
         state_dir = os.path.expanduser(state_dir)
         if path and not os.path.isabs(state_dir):
@@ -113,11 +115,17 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
     if on_finish is not None and (not isinstance(on_finish, str) or not on_finish.strip()):
         raise fail("on_finish", "must be a shell command, such as 'mail -s done me'")
 
-    server = os.uname().nodename.split(".")[0] or "localhost"
+    server = os.environ.get("GPURUN_SERVER") or os.uname().nodename.split(".")[0] or "localhost"
+    if not _is_name(server):
+        raise ConfigError(
+            "$GPURUN_SERVER",
+            f"'{server}' is not a server name; use letters, digits, '.', '_' and '-'",
+        )
     return Config(
         path=path,
         state_dir=state_dir,
         server=server,
+        server_named=bool(os.environ.get("GPURUN_SERVER")),
         gpus=tuple(gpus),
         cpus=tuple(cpus),
         cpus_per_gpu=int(per_gpu),
@@ -140,12 +148,23 @@ def _yaml(value: object) -> str:
     return str(value)
 
 
+def _is_name(text: str) -> bool:
+    return (
+        0 < len(text) <= 64
+        and text[0] != "."
+        and all(c.isascii() and (c.isalnum() or c in "._-") for c in text)
+    )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: YAML's .nan and .inf are not seconds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return -1e12 < value < 1e12
 
 
 def _id_list(value: object, what: str) -> list[int]:

@@ -5,6 +5,7 @@ Each returns plain data (lists and dicts ready for JSON); `render` turns it into
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ ESCALATE = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def open_ledger(config: Config) -> Ledger:
-    return Ledger(config.state_dir, config.server, config.lock_timeout)
+    return Ledger(config.state_dir, config.server, config.lock_timeout, config.server_named)
 
 
 def iso_time(when: float | None) -> str | None:
@@ -197,9 +198,14 @@ def server_status(config: Config) -> dict[str, object]:
     return {"servers": [server]}
 
 
+def is_id(text: str) -> bool:
+    """Whether `text` is a job id: ASCII digits only, of a sane length."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def find_lease(state: State, ref: str) -> Lease:
     """The lease named by `ref`: a job id, or a name that only one lease has."""
-    if ref.isdigit():
+    if is_id(ref):
         lease = state.find(int(ref))
         if lease is None:
             raise NotFoundError(f"no job {ref} in the ledger; 'gpurun ps' lists the live jobs")
@@ -216,7 +222,7 @@ def find_lease(state: State, ref: str) -> Lease:
 def parse_signal(text: str) -> signal.Signals:
     """A signal from 'TERM', 'SIGTERM' or '15'."""
     try:
-        if text.isdigit():
+        if is_id(text):
             return signal.Signals(int(text))
         name = text.upper()
         return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
@@ -235,7 +241,7 @@ def kill_job(
     try:
         lease = find_lease(ledger.read(), ref)
     except NotFoundError:
-        ended = ledger.finished_jobs({int(ref)}).get(int(ref)) if ref.isdigit() else None
+        ended = ledger.finished_jobs({int(ref)}).get(int(ref)) if is_id(ref) else None
         if ended is None:
             raise
         how = ended.get("exit_code")
@@ -252,7 +258,7 @@ def kill_job(
     _signal_job(lease, signum)
     if signum in ESCALATE:
         if not _wait_gone(lease, config.kill_grace):
-            _signal_job(lease, signal.SIGKILL)
+            _signal_job(lease, signal.SIGKILL, checked=True)
             sent.append("SIGKILL")
             _wait_gone(lease, 5.0)
         _wait_released(ledger, lease, 5.0)
@@ -261,24 +267,65 @@ def kill_job(
     return view
 
 
-def _job_processes(lease: Lease) -> list[int]:
-    """The job's processes now: below its live gpurun, else its command and what is below."""
+def _job_processes(lease: Lease, checked: bool = False) -> list[int]:
+    """The job's processes now: below its live gpurun, else its command and what is below.
+
+    Unless `checked` (the holders passed this check before), refuses holders that cannot be
+    a gpurun or a job: init, this process's own parents, a "gpurun" running something else.
+    """
     holders = {h.role: h for h in lease.holders}
     gpurun = holders.get("gpurun")
     gpurun_alive = gpurun is not None and liveness.holder_alive(gpurun.pid, gpurun.start)
-    if lease.state == "waiting":
-        # The waiting gpurun takes its entry out of the queue when signalled.
-        return [gpurun.pid] if gpurun_alive else []
+    if gpurun_alive and not checked and not _is_gpurun(gpurun.pid):
+        raise RefusedError(
+            f"job {lease.id}'s recorded gpurun (pid {gpurun.pid}) is not a gpurun "
+            "process; the ledger was edited by hand, so nothing was signalled"
+        )
     if gpurun_alive:
-        return liveness.descendants(gpurun.pid)
+        below = liveness.descendants(gpurun.pid)
+        if below or "command" in holders:
+            return below
+        # A waiting gpurun, or one about to start its command, has nothing below it yet; it
+        # takes its lease out of the ledger (or passes the signal on) itself.
+        return [gpurun.pid]
     command = holders.get("command")
     if command is not None and liveness.holder_alive(command.pid, command.start):
+        if not checked and (command.pid <= 1 or command.pid in _ancestors()):
+            raise RefusedError(
+                f"job {lease.id}'s recorded command is pid {command.pid}, this "
+                "process or one of its parents; nothing was signalled"
+            )
         return [command.pid, *liveness.descendants(command.pid)]
     return []
 
 
-def _signal_job(lease: Lease, signum: int) -> None:
-    for pid in _job_processes(lease):
+def _is_gpurun(pid: int) -> bool:
+    """Whether `pid` runs gpurun, so a hand-edited ledger cannot aim `kill` at, say, init."""
+    if pid <= 1 or pid in _ancestors():
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"gpurun" in f.read()
+    except OSError:
+        return False
+
+
+def _ancestors() -> set[int]:
+    found = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            break
+        pid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+    return found
+
+
+def _signal_job(lease: Lease, signum: int, checked: bool = False) -> None:
+    for pid in _job_processes(lease, checked):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
@@ -290,7 +337,7 @@ def _signal_job(lease: Lease, signum: int) -> None:
 def _wait_gone(lease: Lease, seconds: float) -> bool:
     """Wait until the job has no processes left; True if that happened in time."""
     deadline = time.monotonic() + seconds
-    while _job_processes(lease):
+    while _job_processes(lease, checked=True):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
@@ -327,23 +374,31 @@ def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
             state = ledger.read()
         except LedgerError:
             state = None
+        now = time.time()
+        live = set(ledger.live_job_locks())
         if state is not None:
-            now = time.time()
-            live = [
-                lease
+            live.update(
+                lease.id
                 for lease in state.leases
                 if liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
-            ]
-            if live and not force:
-                ids = ", ".join(str(lease.id) for lease in live)
-                raise GpurunError(
-                    f"{len(live)} live jobs hold leases ({ids}); end them first "
-                    "or use 'gpurun reset --force'"
-                )
+            )
             next_id = state.next_id
-        next_id = max(next_id, ledger.last_history_id() + 1)
-        aside = ledger.move_aside()
-        ledger.write(State([], next_id, 0.0))
+        if live and not force:
+            ids = ", ".join(map(str, sorted(live)))
+            raise GpurunError(
+                f"live jobs still hold leases ({ids}); end them first, or use 'gpurun reset "
+                "--force' to forget them (their GPUs may then be given out twice)"
+            )
+        next_id = max(next_id, ledger.last_history_id() + 1, max(live, default=0) + 1)
+        # The new ledger is written first, so a full disk leaves the old one in place.
+        tmp = ledger.write_temp(State([], next_id, 0.0))
+        try:
+            aside = ledger.move_aside()
+            os.rename(tmp, ledger.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     finally:
         os.close(fd)
     return {"ledger": ledger.path, "moved_to": aside}
@@ -356,7 +411,7 @@ def find_any(config: Config, ref: str) -> dict[str, object]:
     try:
         lease = find_lease(state, ref)
     except NotFoundError:
-        if not ref.isdigit():
+        if not is_id(ref):
             raise
         record = ledger.finished_jobs({int(ref)}).get(int(ref))
         if record is None:

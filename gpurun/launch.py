@@ -70,6 +70,31 @@ def resolve_command(name: str) -> str:
     raise CommandError(name, "command not found; check the name and PATH", 127)
 
 
+def exec_argv(executable: str, command: list[str]) -> tuple[str, list[str]]:
+    """What to hand posix_spawn for `command`, checked before anything is reserved.
+
+    A script's interpreter must exist (else 127, as a shell says "bad interpreter"). A file
+    that is neither a script with #! nor an ELF program is run by /bin/sh, as execvp(3) does;
+    posix_spawn would refuse it. Raises CommandError.
+    """
+    try:
+        with open(executable, "rb") as f:
+            head = f.read(256)
+    except OSError as exc:
+        raise CommandError(command[0], f"cannot read it ({exc.strerror})", 126) from None
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        interpreter = os.fsdecode(words[0]) if words else ""
+        if not interpreter or not os.access(interpreter, os.X_OK):
+            raise CommandError(
+                command[0], f"bad interpreter '{interpreter}': not found or not executable", 127
+            )
+        return executable, command
+    if head.startswith(b"\x7fELF"):
+        return executable, command
+    return "/bin/sh", ["sh", executable, *command[1:]]
+
+
 def run_job(
     config: Config,
     spec: Spec,
@@ -82,19 +107,19 @@ def run_job(
     With `detach`, the job goes on in a background gpurun and this returns 0 once it is
     queued, having printed its id.
     """
-    executable = resolve_command(spec.command[0])
+    executable, argv = exec_argv(resolve_command(spec.command[0]), spec.command)
     check_possible(spec.request, config.gpus, config.cpus)
     if spec.priority > 0 and os.geteuid() != 0:
         raise RefusedError(f"only root may raise --priority above 0 (asked {spec.priority})")
-    ledger = Ledger(config.state_dir, config.server, config.lock_timeout)
+    ledger = Ledger(config.state_dir, config.server, config.lock_timeout, config.server_named)
     ledger.ensure_dirs()
     if spec.after:
         _check_known(ledger, spec.after)
 
     if detach:
-        return _detach(ledger, config, spec, executable)
+        return _detach(ledger, config, spec, executable, argv)
     lease, lock_fd = reserve(ledger, config, spec, wait, timeout)
-    return run_reserved(ledger, config, lease, lock_fd, executable)
+    return run_reserved(ledger, config, lease, lock_fd, executable, argv)
 
 
 def reserve(
@@ -118,22 +143,21 @@ def reserve(
     watcher = None
     entry: Lease | None = None
     lock_fd = -1
-    # SIGTERM and SIGHUP end the wait cleanly, unless they are ignored (nohup, a detached job).
+    # Signals end the wait cleanly (Ctrl-C through KeyboardInterrupt), unless they are ignored
+    # (nohup, a detached job).
     previous = {
         sig: signal.signal(sig, _raise_interrupted)
-        for sig in supervise.ENDING[1:]
+        for sig in supervise.FORWARDED[1:]
         if signal.getsignal(sig) is not signal.SIG_IGN
     }
     try:
         while True:
-            signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
-            now = time.time()
             cancelled = None
-            with ledger.transaction() as state:
+            with ledger.transaction(block=supervise.BLOCKED) as state:
+                now = time.time()
                 dead = reap_dead(ledger, state, now)
                 if entry is None:
-                    lease_id = state.take_id()
-                    lock_fd = _lock_job(ledger, lease_id)
+                    lease_id, lock_fd = _new_job(ledger, state)
                     entry = _new_entry(ledger, spec, lease_id, now, detached)
                     state.add(entry)
                 entry = state.find(entry.id)
@@ -202,7 +226,7 @@ def reserve(
 
 
 def run_reserved(
-    ledger: Ledger, config: Config, lease: Lease, lock_fd: int, executable: str
+    ledger: Ledger, config: Config, lease: Lease, lock_fd: int, executable: str, argv: list[str]
 ) -> int:
     """Start the command in its lease, supervise it, free the lease; return the exit status.
 
@@ -213,7 +237,7 @@ def run_reserved(
         _withdraw(ledger, lease, lock_fd)
         raise Interrupted(min(pending))
     try:
-        pid = supervise.spawn(executable, list(lease.command), job_env(lease), lease.cpus)
+        pid = supervise.spawn(executable, argv, job_env(lease), lease.cpus)
     except OSError as exc:
         _withdraw(ledger, lease, lock_fd)
         if isinstance(exc, PermissionError) or exc.errno == 8:
@@ -479,7 +503,7 @@ def _check_known(ledger: Ledger, ids: tuple[int, ...]) -> None:
         raise NotFoundError(f"--after names no known job: {listed}; 'gpurun ps -a' lists them")
 
 
-def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str) -> int:
+def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: list[str]) -> int:
     """Fork a gpurun that queues and runs the job in its own session; print the job's id."""
     read_end, write_end = os.pipe()
     sys.stdout.flush()
@@ -511,7 +535,7 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str) -> int:
             os.close(out)
 
         lease, lock_fd = reserve(ledger, config, spec, True, None, True, queued)
-        code = run_reserved(ledger, config, lease, lock_fd, executable)
+        code = run_reserved(ledger, config, lease, lock_fd, executable, argv)
     except BaseException as exc:
         message = str(exc) if isinstance(exc, GpurunError) else repr(exc)
         with contextlib.suppress(OSError):
@@ -564,7 +588,9 @@ def _release(
 
 
 def _withdraw(ledger: Ledger, entry: Lease, lock_fd: int) -> None:
-    """Take a lease that never ran out of the ledger; nothing goes to history."""
+    """Take a lease that never ran out of the ledger; nothing goes to history. Its id is not
+    given back: a detached job's id was printed, and `gpurun wait` must never find another
+    job under it."""
     try:
         with ledger.transaction() as state:
             state.remove(entry.id)
@@ -579,13 +605,25 @@ def _withdraw(ledger: Ledger, entry: Lease, lock_fd: int) -> None:
     _unlink(ledger.job_lock_path(entry.id))
 
 
-def _lock_job(ledger: Ledger, lease_id: int) -> int:
-    try:
-        return liveness.lock_job(ledger.job_lock_path(lease_id))
-    except OSError as exc:
-        raise LedgerError(
-            ledger.job_lock_path(lease_id), f"cannot create the job lock: {exc.strerror}"
-        ) from None
+def _new_job(ledger: Ledger, state: State) -> tuple[int, int]:
+    """Take the next job id and create its lock; skip ids whose lock a live job still holds
+    (a ledger reset or moved aside without --force forgets nothing the kernel knows)."""
+    for _ in range(1000):
+        lease_id = state.take_id()
+        try:
+            return lease_id, liveness.lock_job(ledger.job_lock_path(lease_id))
+        except FileExistsError:
+            log.warning(
+                "job id %d is still held by a live job outside the ledger; skipping it", lease_id
+            )
+        except OSError as exc:
+            raise LedgerError(
+                ledger.job_lock_path(lease_id), f"cannot create the job lock: {exc.strerror}"
+            ) from None
+    raise LedgerError(
+        ledger.jobs_dir,
+        "1000 job ids in a row are held by live jobs outside the ledger; run 'gpurun gc'",
+    )
 
 
 class _Progress:

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import time
 from collections import namedtuple
 
@@ -118,14 +119,15 @@ class Lease(_LeaseBase):
 
 
 def _int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
         raise TypeError(f"{value!r} is not a whole number >= 0")
     return value
 
 
 def _num(value: object) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{value!r} is not a number")
+    """A time or duration: finite, >= 0 and before the year 5000."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e11:
+        raise TypeError(f"{value!r} is not a time or duration gpurun writes")
     return float(value)
 
 
@@ -206,8 +208,11 @@ class State:
 class Ledger:
     """The files of one server's ledger in `state_dir`."""
 
-    def __init__(self, state_dir: str, server: str, lock_timeout: float = 60.0) -> None:
+    def __init__(
+        self, state_dir: str, server: str, lock_timeout: float = 60.0, named: bool = False
+    ) -> None:
         self.state_dir = state_dir
+        self.named = named
         self.server = server
         self.lock_timeout = lock_timeout
         self.path = os.path.join(state_dir, f"{server}.json")
@@ -231,23 +236,21 @@ class Ledger:
         the ledger is replaced by rename, and in a sticky folder only a file's owner may rename
         over it (and fs.protected_regular refuses an O_CREAT open of another user's file).
         """
+        if os.path.isdir(self.jobs_dir) and os.path.isdir(self.logs_dir):
+            return
         for folder in (self.state_dir, self.jobs_dir, self.logs_dir):
             try:
-                os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
-                os.mkdir(folder, 0o777)
-                os.chmod(folder, 0o777)
-            except FileExistsError:
-                if not os.path.isdir(folder):
-                    raise LedgerError(
-                        folder, "exists and is not a folder; set state_dir to a folder path"
-                    ) from None
+                make_shared_dir(folder)
             except OSError as exc:
                 raise LedgerError(
                     folder,
                     f"cannot create the state folder: {exc.strerror}; "
-                    "set state_dir or $GPURUN_STATE_DIR to a writable "
-                    "folder",
+                    "set state_dir or $GPURUN_STATE_DIR to a writable folder",
                 ) from None
+            if not os.path.isdir(folder):
+                raise LedgerError(
+                    folder, "exists and is not a folder; set state_dir to a folder path"
+                )
 
     def read(self) -> State:
         """Read the ledger without the lock (a consistent snapshot, thanks to rename)."""
@@ -287,17 +290,38 @@ class Ledger:
             ) from None
         return State(leases, max(next_id, 1), heartbeat)
 
-    def transaction(self) -> Transaction:
-        """`with ledger.transaction() as state:` read-modify-write under the lock."""
-        return Transaction(self)
+    def transaction(self, block: tuple[int, ...] = ()) -> Transaction:
+        """`with ledger.transaction() as state:` read-modify-write under the lock.
+
+        `block`: signals to block once the lock is taken (and leave blocked), so that the
+        caller decides when they may interrupt it again.
+        """
+        return Transaction(self, block)
 
     def write(self, state: State) -> None:
         """Replace the ledger atomically; on failure the old file is left byte for byte."""
+        if not self.named and not os.path.exists(self.path):
+            self._refuse_twin()
+        tmp = self.write_temp(state)
+        try:
+            os.rename(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise LedgerError(
+                self.path, f"cannot replace the ledger ({exc.strerror}); it was left as it was"
+            ) from None
+
+    def write_temp(self, state: State) -> str:
+        """Write the state to a temporary file beside the ledger, fsynced; return its path."""
+        from gpurun.liveness import boot_id
+
         state.heartbeat = time.time()
         head = json.dumps(
             {
                 "schema": SCHEMA,
                 "server": self.server,
+                "boot": boot_id(),
                 "heartbeat": state.heartbeat,
                 "next_id": state.next_id,
             },
@@ -307,9 +331,66 @@ class Ledger:
             json.dumps(lease.to_json(), separators=(",", ":")) for lease in state.leases
         )
         text = head[:-1] + ',"leases":[\n' + lines + "\n]}\n"
-        self._write_atomic(self.path, text.encode())
+        return self._write_temp(self.path, text.encode())
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
+    def _refuse_twin(self) -> None:
+        """Refuse to start a second ledger for this machine under another name.
+
+        gpurun names a server after its hostname, and a container or UTS namespace on the same
+        machine may see another one; two ledgers would hand out the same GPUs twice. A ledger
+        written since this boot (same boot id) under another name gives that away. A server
+        named with $GPURUN_SERVER is taken at its word (tests simulate several hosts so).
+        """
+        from gpurun.liveness import boot_id
+
+        me = boot_id()
+        if not me:
+            return
+        try:
+            names = [
+                n
+                for n in os.listdir(self.state_dir)
+                if n.endswith(".json") and n != os.path.basename(self.path)
+            ]
+        except OSError:
+            return
+        for name in names:
+            try:
+                with open(os.path.join(self.state_dir, name), "rb") as f:
+                    head = f.read(512)
+            except OSError:
+                continue
+            if f'"boot":"{me}"'.encode() in head:
+                other = name[: -len(".json")]
+                raise LedgerError(
+                    self.path,
+                    f"this machine already keeps its ledger here as '{other}' (same boot id) "
+                    f"but calls itself '{self.server}' now (a container or another hostname?); "
+                    f"set GPURUN_SERVER={other} so every gpurun on it shares one ledger",
+                )
+
+    def live_job_locks(self) -> list[int]:
+        """Ids of this server's jobs whose job lock a live process still holds."""
+        from gpurun.liveness import job_lock_held
+
+        prefix = f"{self.server}."
+        ids = []
+        try:
+            names = os.listdir(self.jobs_dir)
+        except OSError:
+            return ids
+        for name in names:
+            middle = name[len(prefix) : -len(".lock")]
+            if (
+                name.startswith(prefix)
+                and name.endswith(".lock")
+                and middle.isdigit()
+                and job_lock_held(os.path.join(self.jobs_dir, name))
+            ):
+                ids.append(int(middle))
+        return sorted(ids)
+
+    def _write_temp(self, path: str, data: bytes) -> str:
         folder, name = os.path.split(path)
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
         try:
@@ -324,7 +405,6 @@ class Ledger:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -334,6 +414,7 @@ class Ledger:
                 "as it was; free space or fix the state folder's "
                 "permissions",
             ) from None
+        return tmp
 
     def lock(self) -> int:
         """Take the ledger lock, waiting up to lock_timeout; return the descriptor to unlock."""
@@ -377,19 +458,14 @@ class Ledger:
                     f"cannot open the lock: {exc.strerror}; check the state folder's permissions",
                 ) from None
             try:
-                fd = os.open(self.lock_path, flags | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
+                create_shared_file(self.lock_path)
             except FileNotFoundError:
                 self.ensure_dirs()
-                continue
             except OSError as exc:
                 raise LedgerError(
                     self.lock_path,
                     f"cannot create the lock: {exc.strerror}; check the state folder's permissions",
                 ) from None
-            os.fchmod(fd, 0o666)
-            return fd
         raise LedgerError(
             self.lock_path,
             "the lock file keeps vanishing; is something deleting files in the state folder?",
@@ -401,6 +477,8 @@ class Ledger:
             return
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         try:
+            if not os.path.exists(self.history_path):
+                create_shared_file(self.history_path)
             fd = os.open(
                 self.history_path,
                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -498,6 +576,61 @@ class Ledger:
         return aside
 
 
+def create_shared_file(path: str) -> None:
+    """Create an empty file that every user may open for reading and writing (mode 0666).
+
+    The file is made under a temporary name, given its mode, and only then linked into place,
+    so a gpurun killed halfway never leaves a file other users cannot open. An existing file
+    is left as it is.
+    """
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        os.fchmod(fd, 0o666)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def make_shared_dir(path: str) -> None:
+    """Create a folder every user may write (0777, not sticky), with the same care: made under
+    a temporary name, given its mode, then renamed into place. Parents gpurun has to create
+    are made 0755, so other users can reach it whatever our umask."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        make_parents(parent)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.new")
+    os.mkdir(tmp, 0o700)
+    try:
+        os.chmod(tmp, 0o777)
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+        if not os.path.exists(path):
+            raise
+
+
+def make_parents(path: str) -> None:
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o755)
+            os.chmod(folder, 0o755)
+        except FileExistsError:
+            pass
+
+
 def _history_line(line: bytes, wanted: set[int]) -> dict[str, object] | None:
     """Parse a history line only if its id (written first) is one of `wanted`."""
     if not line.startswith(b'{"id":'):
@@ -515,15 +648,19 @@ def _history_line(line: bytes, wanted: set[int]) -> dict[str, object] | None:
 class Transaction:
     """Holds the ledger lock; on a clean exit writes the state if it changed."""
 
-    __slots__ = ("fd", "ledger", "state")
+    __slots__ = ("block", "fd", "ledger", "state")
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, block: tuple[int, ...] = ()) -> None:
         self.ledger = ledger
+        self.block = block
         self.fd = -1
         self.state: State | None = None
 
     def __enter__(self) -> State:
         self.fd = self.ledger.lock()
+        if self.block:
+            # Taken only once the lock is held, so Ctrl-C still ends a wait for the lock.
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.block)
         try:
             self.state = self.ledger.read()
         except BaseException:

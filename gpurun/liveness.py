@@ -16,6 +16,7 @@ A lease is dead only when every sign of its job is provably gone; when unsure, i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 
@@ -90,16 +91,27 @@ def job_lock_held(path: str) -> bool:
 
 
 def lock_job(path: str) -> int:
-    """Create and lock the job lock at `path`; return its descriptor, inheritable by the job."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    """Create and lock a new job lock at `path`; return its descriptor, inheritable by the job.
+
+    The file is created under a temporary name, made readable by every user (whatever our
+    umask) and locked before it is renamed into place, so no one ever sees it half made.
+    Raises FileExistsError if a live job holds a lock at `path` already; a stale file there is
+    replaced. Call it under the ledger lock.
+    """
+    if job_lock_held(path):
+        raise FileExistsError(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
+        os.fchmod(fd, 0o666)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # Any user's gpurun must be able to test this lock, whatever our umask.
-        if os.fstat(fd).st_uid == os.geteuid():
-            os.fchmod(fd, 0o666)
+        os.rename(tmp, path)
         os.set_inheritable(fd, True)
     except OSError:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return fd
 

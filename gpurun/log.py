@@ -7,6 +7,7 @@ logger only once `logging` is imported (the CLI does that for `-v`); warnings al
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
@@ -29,9 +30,13 @@ class LazyLogger:
             logging.getLogger(self.name).info(msg, *args)
 
     def warning(self, msg: str, *args: object) -> None:
-        import logging
-
-        logging.getLogger(self.name).warning(msg, *args)
+        """Through logging once the CLI set it up (-v); else one `gpurun: ` line on stderr."""
+        logging = sys.modules.get("logging")
+        if logging is not None and logging.getLogger().handlers:
+            logging.getLogger(self.name).warning(msg, *args)
+            return
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f"gpurun: {msg % args if args else msg}\n")
 
 
 def get_logger(name: str) -> LazyLogger:

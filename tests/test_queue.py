@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import read_json, wait_for, wait_json
 
 

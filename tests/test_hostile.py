@@ -1,0 +1,227 @@
+"""What the adversarial review found, each as a class of fault: resets that forget live jobs,
+a second ledger for one machine, files other users cannot open, odd bytes, forged holders."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import GPURUN, wait_for, wait_json
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpurun: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_reset_of_an_unreadable_ledger_does_not_forget_live_jobs(gpurun):
+    job = gpurun.start("-g", "4", "-c", "0", "--", *gpurun.probe("a", "--sleep", "60"))
+    wait_json(gpurun.tmp / "a.start")
+    assert gpurun.run("-g", "0", "-c", "0", "--", "true").returncode == 0
+    gpurun.ledger_path().write_text("garbage")
+
+    refused = gpurun.run("reset", "--yes")
+    forced = gpurun.run("reset", "--yes", "--force")
+    after = gpurun.run("-g", "1", "-c", "0", "--", "true")
+
+    assert refused.returncode == 125
+    assert "live jobs still hold leases (1)" in one_line(refused.stderr)
+    assert forced.returncode == 0, forced.stderr
+    # The new ledger's ids start past every id a live job holds, so nothing collides.
+    assert after.returncode == 0, after.stderr
+    assert gpurun.ledger()["next_id"] == 4
+    job.kill()
+
+
+def test_a_second_ledger_for_the_same_machine_is_refused(gpurun):
+    named = dict(gpurun.env, GPURUN_SERVER="other-name")
+    assert gpurun.run("-g", "1", "--", "true", env=named).returncode == 0
+
+    result = gpurun.run("-g", "1", "--", "true")
+
+    assert result.returncode == 125
+    assert "GPURUN_SERVER=other-name" in one_line(result.stderr)
+    assert [p.name for p in gpurun.state_dir.glob("*.json")] == ["other-name.json"]
+
+
+def test_state_files_open_to_all_users_whatever_the_umask(gpurun):
+    nested = gpurun.tmp / "deep" / "er" / "state"
+    gpurun.write_config("gpus: 2\ncpus: auto\n")
+    env = dict(gpurun.env, GPURUN_STATE_DIR=str(nested))
+
+    result = subprocess.run(
+        [GPURUN, "-d", "-g", "1", "--", "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o077),
+    )
+    subprocess.run([GPURUN, "wait", result.stdout.strip()], env=env, check=True)
+
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(os.stat(gpurun.tmp / "deep").st_mode) == 0o755
+    for folder in (nested, nested / "jobs", nested / "logs"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777, folder
+    for name in os.listdir(nested):
+        path = nested / name
+        if path.is_file():
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o666, path
+    assert not [n for n in os.listdir(nested) if n.endswith((".tmp", ".new"))]
+
+
+def test_odd_bytes_in_a_command_do_not_break_ps(gpurun):
+    env = dict(gpurun.env, PYTHONIOENCODING="utf-8")
+    result = subprocess.run([GPURUN.encode(), b"-g", b"1", b"--", b"true", b"\xff\n"], env=env)
+
+    table = gpurun.run("ps", "-a", env=env)
+    as_json = gpurun.run("ps", "-a", "--json", env=env)
+
+    assert result.returncode == 0
+    assert table.returncode == 0 and "\\udcff" in table.stdout
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)[0]["exit_code"] == 0
+
+
+def test_control_characters_never_split_the_error_line(gpurun):
+    for args in (["--", "no\nsuch"], ["kill", "x\ny"], ["kill", "1", "-s", "X\nY"]):
+        result = gpurun.run(*args)
+        assert result.returncode in (2, 125, 127)
+        one_line(result.stderr)
+
+
+def test_strange_values_get_a_clear_error_not_an_internal_one(gpurun):
+    assert "no job" in one_line(gpurun.run("kill", "\u00b2").stderr)
+    assert gpurun.run("kill", "9" * 5000).returncode == 125
+    gpurun.write_config("gpus: 2\nkill_grace: .nan\n")
+    assert "kill_grace" in one_line(gpurun.run("ps").stderr)
+    gpurun.write_config("gpus: 2\nlock_timeout: .inf\n")
+    assert "lock_timeout" in one_line(gpurun.run("ps").stderr)
+    gpurun.config.write_text('state_dir: "/tmp/a\\0b"\n')
+    assert "state_dir" in one_line(gpurun.run("ps").stderr)
+    assert "--config needs" in one_line(gpurun.run("--config", "", "ps").stderr)
+
+
+def test_a_ledger_with_impossible_numbers_is_unreadable_not_a_crash(gpurun):
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    ledger = gpurun.ledger_path()
+    doc = json.loads(ledger.read_text())
+    lease = {
+        "id": 5,
+        "kind": "job",
+        "state": "running",
+        "name": "x",
+        "user": "u",
+        "uid": 0,
+        "host": "h",
+        "gpus": [0],
+        "cpus": [],
+        "command": ["x"],
+        "created": 1e308,
+        "started": None,
+        "holders": [],
+        "boot": "b",
+        "expires": None,
+    }
+    for created in ("NaN", "Infinity", "1e308"):
+        text = json.dumps({**doc, "leases": [lease]}).replace("1e+308", created)
+        ledger.write_text(text)
+        before = ledger.read_bytes()
+        for command in (["ps"], ["status"], ["gc"], ["-g", "1", "--", "true"]):
+            result = gpurun.run(*command)
+            assert result.returncode == 125, (created, command, result.stderr)
+            assert "gpurun reset" in one_line(result.stderr)
+        assert ledger.read_bytes() == before
+
+
+def test_scripts_are_checked_before_anything_is_reserved(gpurun, tmp_path):
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/nonexistent/interpreter\necho hi\n")
+    bad.chmod(0o755)
+    plain = tmp_path / "plain.sh"
+    plain.write_text("echo from-plain-script\n")
+    plain.chmod(0o755)
+
+    missing = gpurun.run("-g", "1", "--", str(bad))
+    ran = gpurun.run("-g", "1", "--", str(plain))
+
+    assert missing.returncode == 127
+    assert "bad interpreter '/nonexistent/interpreter'" in one_line(missing.stderr)
+    assert ran.returncode == 0 and ran.stdout == "from-plain-script\n"
+    assert [job["id"] for job in gpurun.ps("-a")] == [1]
+
+
+def test_closed_stderr_still_gets_the_exit_code(gpurun):
+    result = subprocess.run(
+        ["sh", "-c", f"{GPURUN} -g 99 -- true 2>&-; echo $?"],
+        env=gpurun.env,
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.stdout.strip() == "125"
+    assert not gpurun.state_dir.exists() or gpurun.ps() == []
+
+
+def test_ctrl_c_ends_a_wait_for_the_ledger_lock(gpurun):
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    gpurun.write_config("gpus: 4\ncpus: auto\nlock_timeout: 60\n")
+    lock = os.open(str(gpurun.ledger_path()) + ".lock", os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        waiter = gpurun.start("-g", "1", "--", "true")
+        time.sleep(0.5)  # it is now polling for the lock
+        began = time.monotonic()
+        waiter.send_signal(signal.SIGINT)
+        code = waiter.wait(timeout=10)
+    finally:
+        os.close(lock)
+
+    assert code == 130
+    assert time.monotonic() - began < 5
+
+
+def test_kill_refuses_holders_that_are_not_a_gpurun(gpurun):
+    # A hand-edited lease whose "gpurun" is a shell with a child: kill must not touch them.
+    shell = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
+    wait_for(lambda: os.path.exists(f"/proc/{shell.pid}/task"), what="the shell")
+    with open(f"/proc/{shell.pid}/stat") as f:
+        start = int(f.read().rsplit(")", 1)[1].split()[19])
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    ledger = gpurun.ledger_path()
+    doc = json.loads(ledger.read_text())
+    doc["leases"] = [
+        {
+            "id": 7,
+            "kind": "job",
+            "state": "running",
+            "name": "forged",
+            "user": "root",
+            "uid": 0,
+            "host": "h",
+            "gpus": [0],
+            "cpus": [],
+            "command": ["x"],
+            "created": time.time(),
+            "started": time.time(),
+            "holders": [{"pid": shell.pid, "start": start, "role": "gpurun"}],
+            "boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "expires": None,
+        }
+    ]
+    ledger.write_text(json.dumps(doc))
+    try:
+        result = gpurun.run("kill", "7")
+
+        assert result.returncode == 125
+        assert "not a gpurun process" in one_line(result.stderr)
+        assert shell.poll() is None
+    finally:
+        shell.kill()
+        shell.wait()
