@@ -32,8 +32,9 @@ class Config(_ConfigBase):
 
     path: the file read ("" for built-in defaults); state_dir: str; server: the name of this
     host's ledger, its short hostname unless $GPURUN_SERVER names it (server_named: bool);
-    gpus, cpus: sorted tuples of ids; cpus_per_gpu: int; lock_timeout, kill_grace: float seconds; on_finish: a shell command run after each job
-    ends, with the job's record as JSON on stdin, or None.
+    gpus, cpus: sorted tuples of ids; cpus_per_gpu: int; lock_timeout, kill_grace: float
+    seconds; on_finish: a shell command run after each job ends, with the job's record as
+    JSON on stdin, or None.
     """
 
     __slots__ = ()
