@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test lint format clean
+.PHONY: help install demo test bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,13 +23,16 @@ demo: $(STAMP)  ## run three real jobs on the sample config's 4 declared GPUs
 test: $(STAMP)  ## run the whole test suite
 	$(BIN)/pytest -q
 
+bench: $(STAMP)  ## measure the figures in bench/ against their goals
+	$(BIN)/python bench/run.py
+
 lint: $(STAMP)  ## check style with ruff
-	$(BIN)/ruff check gpurun tests examples
-	$(BIN)/ruff format --check gpurun tests examples
+	$(BIN)/ruff check gpurun tests examples bench
+	$(BIN)/ruff format --check gpurun tests examples bench
 
 format: $(STAMP)  ## reformat with ruff
-	$(BIN)/ruff format gpurun tests examples
-	$(BIN)/ruff check --fix gpurun tests examples
+	$(BIN)/ruff format gpurun tests examples bench
+	$(BIN)/ruff check --fix gpurun tests examples bench
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
