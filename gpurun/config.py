@@ -13,17 +13,36 @@ from collections import namedtuple
 from gpurun.cpulist import online_cpus, parse_cpulist
 from gpurun.errors import ConfigError
 
+# Only for annotations: importing `typing` costs the launch path a few milliseconds.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gpurun.inventory import Limits, Server
+
 SEARCH_PATHS = (
     "./gpurun.yaml",
     "~/.config/gpurun/gpurun.yaml",
     "/etc/gpurun/gpurun.yaml",
 )
 DEFAULT_STATE_DIR = "/tmp/gpurun"
-KEYS = ("state_dir", "gpus", "cpus", "cpus_per_gpu", "lock_timeout", "kill_grace", "on_finish")
+DEFAULT_STALE_AFTER = 600.0
+KEYS = (
+    "state_dir",
+    "gpus",
+    "cpus",
+    "cpus_per_gpu",
+    "lock_timeout",
+    "kill_grace",
+    "on_finish",
+    "servers",
+    "limits",
+    "label_limits",
+    "stale_after",
+)
 
 _ConfigBase = namedtuple(
     "_ConfigBase",
-    "path state_dir server server_named gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish",
+    "path state_dir server server_named gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish"
+    " servers entry chosen_by limits stale_after",
 )
 
 
@@ -35,6 +54,12 @@ class Config(_ConfigBase):
     gpus, cpus: sorted tuples of ids; cpus_per_gpu: int; lock_timeout, kill_grace: float
     seconds; on_finish: a shell command run after each job ends, with the job's record as
     JSON on stdin, or None.
+
+    servers: the inventory (a tuple of inventory.Server, empty without `servers:`); entry: the
+    one that is this host, or None when this host is not listed (then gpus and cpus come from
+    the top-level keys); chosen_by: how this server was picked, for `doctor`; limits: the
+    per-job inventory.Limits for this server; stale_after: seconds after which another
+    server's ledger heartbeat counts as stale.
     """
 
     __slots__ = ()
@@ -54,17 +79,25 @@ def find_config_path(explicit: str | None) -> str | None:
     return None
 
 
-def load_config(explicit: str | None = None) -> Config:
-    """Read and check the config; raise ConfigError naming the file, key and line."""
+def load_config(explicit: str | None = None, server: str | None = None) -> Config:
+    """Read and check the config; raise ConfigError naming the file, key and line.
+
+    `server` (from --server) names this host's server, as $GPURUN_SERVER does.
+    """
     path = find_config_path(explicit)
     raw: dict[str, object] = {}
     lines: dict[str, int] = {}
     if path is not None:
         raw, lines = _read_yaml(path)
-    return build_config(raw, path or "", lines)
+    return build_config(raw, path or "", lines, server)
 
 
-def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None = None) -> Config:
+def build_config(
+    raw: dict[str, object],
+    path: str,
+    lines: dict[str, int] | None = None,
+    server: str | None = None,
+) -> Config:
     """Check the parsed keys and fill in defaults."""
     lines = lines or {}
     where = path or "built-in defaults"
@@ -90,14 +123,23 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
         if path and not os.path.isabs(state_dir):
             state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
 
-    try:
-        gpus = _gpu_ids(raw.get("gpus", "auto"))
-    except ValueError as exc:
-        raise fail("gpus", str(exc)) from None
-    try:
-        cpus = _cpu_ids(raw.get("cpus", "auto"))
-    except ValueError as exc:
-        raise fail("cpus", str(exc)) from None
+    servers, limits = _inventory(raw, fail)
+    entry, named, chosen_by = _choose_server(servers, server, where)
+    if entry is not None:
+        gpus = list(entry.gpus) if entry.gpus is not None else _gpu_ids("auto")
+        cpus = list(entry.cpus) if entry.cpus is not None else _cpu_ids("auto")
+        limits = entry.limits
+        name = entry.name
+    else:
+        try:
+            gpus = _gpu_ids(raw.get("gpus", "auto"))
+        except ValueError as exc:
+            raise fail("gpus", str(exc)) from None
+        try:
+            cpus = _cpu_ids(raw.get("cpus", "auto"))
+        except ValueError as exc:
+            raise fail("cpus", str(exc)) from None
+        name = named or os.uname().nodename.split(".")[0] or "localhost"
 
     per_gpu = raw.get("cpus_per_gpu", "auto")
     if per_gpu == "auto":
@@ -116,24 +158,108 @@ def build_config(raw: dict[str, object], path: str, lines: dict[str, int] | None
     if on_finish is not None and (not isinstance(on_finish, str) or not on_finish.strip()):
         raise fail("on_finish", "must be a shell command, such as 'mail -s done me'")
 
-    server = os.environ.get("GPURUN_SERVER") or os.uname().nodename.split(".")[0] or "localhost"
-    if not _is_name(server):
-        raise ConfigError(
-            "$GPURUN_SERVER",
-            f"'{server}' is not a server name; use letters, digits, '.', '_' and '-'",
-        )
+    stale_after = raw.get("stale_after", DEFAULT_STALE_AFTER)
+    if isinstance(stale_after, str):
+        from gpurun.cli import parse_duration
+
+        try:
+            stale_after = parse_duration(stale_after)
+        except ValueError:
+            raise fail("stale_after", "must be a duration like 10m or 600") from None
+    if not _is_number(stale_after) or stale_after <= 0:
+        raise fail("stale_after", f"must be a duration above 0, not {_yaml(stale_after)}")
+
     return Config(
         path=path,
         state_dir=state_dir,
-        server=server,
-        server_named=bool(os.environ.get("GPURUN_SERVER")),
+        server=name,
+        server_named=bool(named),
         gpus=tuple(gpus),
         cpus=tuple(cpus),
         cpus_per_gpu=int(per_gpu),
         lock_timeout=float(lock_timeout),
         kill_grace=float(kill_grace),
         on_finish=on_finish,
+        servers=tuple(servers),
+        entry=entry,
+        chosen_by=chosen_by,
+        limits=limits,
+        stale_after=float(stale_after),
     )
+
+
+def _inventory(raw: dict[str, object], fail: object) -> tuple[list[Server], Limits]:
+    """Check `limits:`, `label_limits:` and `servers:`; return the servers and default limits."""
+    from gpurun.inventory import InventoryError, parse_limits, parse_servers
+
+    try:
+        limits = parse_limits(raw.get("limits"), "limits")
+        label_limits = raw.get("label_limits") or {}
+        if not isinstance(label_limits, dict):
+            raise InventoryError("label_limits", "must map labels to limits, like {dev: {...}}")
+        label_limits = {
+            str(label): parse_limits(value, f"label_limits.{label}", limits)
+            for label, value in label_limits.items()
+        }
+        if "servers" not in raw or raw["servers"] is None:
+            return [], limits
+        servers = parse_servers(
+            raw["servers"],
+            raw.get("gpus", "auto"),
+            raw.get("cpus", "auto"),
+            limits,
+            label_limits,
+            _remote_gpu_ids,
+            _remote_cpu_ids,
+        )
+    except InventoryError as exc:
+        top = exc.key.split(".")[0].split("[")[0]
+        error = fail(top, str(exc))
+        raise ConfigError(error.path, str(exc), key=exc.key, line=error.line) from None
+    return servers, limits
+
+
+def _remote_gpu_ids(value: object, local: bool) -> list[int] | None:
+    return None if value == "auto" else _gpu_ids(value)
+
+
+def _remote_cpu_ids(value: object, local: bool) -> list[int] | None:
+    from gpurun.inventory import bookkeeping_cpus
+
+    return bookkeeping_cpus(value)
+
+
+def _choose_server(
+    servers: list[Server], wanted: str | None, where: str
+) -> tuple[Server | None, str, str]:
+    """This host's inventory entry (or None), the name given explicitly ("" if none), and how
+    the server was chosen."""
+    from gpurun.inventory import find_local
+
+    source = "--server"
+    if not wanted:
+        wanted = os.environ.get("GPURUN_SERVER") or ""
+        source = "$GPURUN_SERVER"
+    if wanted:
+        if not _is_name(wanted):
+            raise ConfigError(
+                source, f"'{wanted}' is not a server name; use letters, digits, '.', '_' and '-'"
+            )
+        if not servers:
+            return None, wanted, f"named by {source}"
+        for server in servers:
+            if server.name == wanted:
+                return server, wanted, f"named by {source}"
+        names = ", ".join(server.name for server in servers)
+        raise ConfigError(
+            where, f"{source} names '{wanted}', which is not among the servers: {names}"
+        )
+    entry, reason = find_local(servers)
+    if entry is not None:
+        return entry, "", reason
+    if servers:
+        return None, "", "this host is not in 'servers:'; using the top-level gpus and cpus"
+    return None, "", "the host's name"
 
 
 def _yaml(value: object) -> str:
