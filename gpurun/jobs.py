@@ -96,7 +96,7 @@ def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, 
         rows.extend(sorted(finished, key=lambda view: view["id"] or 0))
     positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
     for lease in state.leases:
-        alive = liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
+        alive = ledger.alive(lease, now)
         view = lease_view(lease, alive, now)
         if lease.id in positions:
             view["position"] = positions[lease.id]
@@ -113,7 +113,7 @@ def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, obj
         dead = [
             lease
             for lease in state.leases
-            if not liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
+            if not ledger.alive(lease, now)
         ]
     else:
         ledger.ensure_dirs()
@@ -129,7 +129,7 @@ def server_status(config: Config) -> dict[str, object]:
     state = ledger.read()
     now = time.time()
     views = [
-        lease_view(lease, liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now), now)
+        lease_view(lease, ledger.alive(lease, now), now)
         for lease in state.leases
     ]
     gpu_holder: dict[int, dict[str, object]] = {}
@@ -380,7 +380,7 @@ def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
             live.update(
                 lease.id
                 for lease in state.leases
-                if liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
+                if ledger.alive(lease, now)
             )
             next_id = state.next_id
         if live and not force:
@@ -481,7 +481,7 @@ def wait_for_jobs(config: Config, ids: list[int]) -> int:
                 lease = state.find(lease_id)
                 if lease is None:
                     remaining.discard(lease_id)
-                elif not liveness.lease_alive(lease, ledger.job_lock_path(lease_id), now):
+                elif not ledger.alive(lease, now):
                     dead = True
             if dead:
                 collect_garbage(config)

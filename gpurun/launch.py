@@ -292,7 +292,7 @@ def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
     dead = [
         lease
         for lease in state.leases
-        if not liveness.lease_alive(lease, ledger.job_lock_path(lease.id), now)
+        if not ledger.alive(lease, now)
     ]
     for lease in dead:
         state.remove(lease.id)

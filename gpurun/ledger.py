@@ -39,7 +39,7 @@ _HolderBase = namedtuple("_HolderBase", "pid start role")
 _LeaseBase = namedtuple(
     "_LeaseBase",
     "id kind state name user uid host gpus cpus command created started holders boot expires "
-    "request priority time_limit after after_any log placed",
+    "request priority time_limit after after_any log placed reservation",
 )
 
 
@@ -61,7 +61,8 @@ class Lease(_LeaseBase):
     Request it was placed for; priority: int, higher first; time_limit: seconds or None;
     after: ids of jobs that must end first; after_any: start after them whatever their exit
     code (else only when all exited 0); log: the output file of a detached job, or None;
-    placed: when it was given its GPUs and CPUs (None while waiting).
+    placed: when it was given its GPUs and CPUs (None while waiting); reservation: for a job
+    run inside a reservation (`run -r`), the reservation's id, else None.
 
     Schema 1 ledgers (gpurun 0.1) lack the fields from `request` on; they read as defaults.
     """
@@ -112,6 +113,9 @@ class Lease(_LeaseBase):
                 after_any=_bool(record.get("after_any", False)),
                 log=None if record.get("log") is None else _str(record["log"]),
                 placed=_optional_num(record.get("placed")),
+                reservation=(
+                    None if record.get("reservation") is None else _int(record["reservation"])
+                ),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"lease {record!r:.80} is malformed ({exc!r})") from None
@@ -166,14 +170,27 @@ def _choice(value: object, allowed: tuple[str, ...]) -> str:
 
 
 class State:
-    """The ledger's content while a transaction holds the lock; `changed` marks it for writing."""
+    """The ledger's content while a transaction holds the lock; `changed` marks it for writing.
 
-    __slots__ = ("changed", "heartbeat", "leases", "next_id")
+    heartbeat: when the server's own host last wrote it (0 if never); boot: that host's boot
+    id; inventory: {"gpus": [...], "cpus": [...]} as that host last saw them, or None.
+    """
 
-    def __init__(self, leases: list[Lease], next_id: int, heartbeat: float) -> None:
+    __slots__ = ("boot", "changed", "heartbeat", "inventory", "leases", "next_id")
+
+    def __init__(
+        self,
+        leases: list[Lease],
+        next_id: int,
+        heartbeat: float,
+        boot: str = "",
+        inventory: dict[str, list[int]] | None = None,
+    ) -> None:
         self.leases = leases
         self.next_id = next_id
         self.heartbeat = heartbeat
+        self.boot = boot
+        self.inventory = inventory
         self.changed = False
 
     def add(self, lease: Lease) -> None:
@@ -206,13 +223,27 @@ class State:
 
 
 class Ledger:
-    """The files of one server's ledger in `state_dir`."""
+    """The files of one server's ledger in `state_dir`.
+
+    `owner`: this host is that server, so it judges its leases' liveness and stamps its
+    heartbeat, boot id and `inventory` (the GPU and CPU ids it has) on every write. Another
+    host may write a server's ledger only for reservations (`alloc`, `release`); such a write
+    keeps the owner's heartbeat, boot id and inventory as they were.
+    """
 
     def __init__(
-        self, state_dir: str, server: str, lock_timeout: float = 60.0, named: bool = False
+        self,
+        state_dir: str,
+        server: str,
+        lock_timeout: float = 60.0,
+        named: bool = False,
+        owner: bool = True,
+        inventory: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.named = named
+        self.owner = owner
+        self.inventory = inventory
         self.server = server
         self.lock_timeout = lock_timeout
         self.path = os.path.join(state_dir, f"{server}.json")
@@ -225,6 +256,15 @@ class Ledger:
         """Where a detached job's output goes. The server's name is part of it because ids are
         per server and several servers may share one state dir."""
         return os.path.join(self.logs_dir, f"{self.server}.{lease_id}.log")
+
+    def alive(self, lease: Lease, now: float) -> bool:
+        """Whether the lease is live, by liveness.lease_alive. Only the owner can judge a job's
+        processes; to another host a job lease is live until its owner drops it."""
+        from gpurun.liveness import lease_alive
+
+        if not self.owner and lease.kind == "job":
+            return True
+        return lease_alive(lease, self.job_lock_path(lease.id), now)
 
     def job_lock_path(self, lease_id: int) -> str:
         return os.path.join(self.jobs_dir, f"{self.server}.{lease_id}.lock")
@@ -280,6 +320,13 @@ class Ledger:
             leases = [Lease.from_json(r) for r in doc["leases"]]
             next_id = _int(doc["next_id"])
             heartbeat = _num(doc.get("heartbeat", 0.0))
+            boot = doc.get("boot") if isinstance(doc.get("boot"), str) else ""
+            inventory = None
+            if isinstance(doc.get("gpus"), list) and isinstance(doc.get("cpus"), list):
+                inventory = {
+                    "gpus": [_int(i) for i in doc["gpus"]],
+                    "cpus": [_int(i) for i in doc["cpus"]],
+                }
         except LedgerError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
@@ -288,7 +335,7 @@ class Ledger:
                 f"the ledger cannot be read ({str(exc)[:120]}); nothing was changed; run "
                 "'gpurun reset' to move it aside and start a new one",
             ) from None
-        return State(leases, max(next_id, 1), heartbeat)
+        return State(leases, max(next_id, 1), heartbeat, boot, inventory)
 
     def transaction(self, block: tuple[int, ...] = ()) -> Transaction:
         """`with ledger.transaction() as state:` read-modify-write under the lock.
@@ -300,7 +347,7 @@ class Ledger:
 
     def write(self, state: State) -> None:
         """Replace the ledger atomically; on failure the old file is left byte for byte."""
-        if not self.named and not os.path.exists(self.path):
+        if self.owner and not self.named and not os.path.exists(self.path):
             self._refuse_twin()
         tmp = self.write_temp(state)
         try:
@@ -316,17 +363,22 @@ class Ledger:
         """Write the state to a temporary file beside the ledger, fsynced; return its path."""
         from gpurun.liveness import boot_id
 
-        state.heartbeat = time.time()
-        head = json.dumps(
-            {
-                "schema": SCHEMA,
-                "server": self.server,
-                "boot": boot_id(),
-                "heartbeat": state.heartbeat,
-                "next_id": state.next_id,
-            },
-            separators=(",", ":"),
-        )
+        if self.owner:
+            state.heartbeat = time.time()
+            state.boot = boot_id()
+            if self.inventory is not None:
+                gpus, cpus = self.inventory
+                state.inventory = {"gpus": list(gpus), "cpus": list(cpus)}
+        header = {
+            "schema": SCHEMA,
+            "server": self.server,
+            "boot": state.boot,
+            "heartbeat": state.heartbeat,
+            "next_id": state.next_id,
+        }
+        if state.inventory is not None:
+            header.update(state.inventory)
+        head = json.dumps(header, separators=(",", ":"))
         lines = ",\n".join(
             json.dumps(lease.to_json(), separators=(",", ":")) for lease in state.leases
         )

@@ -46,8 +46,11 @@ def spawn(executable: str, command: list[str], env: dict[str, str], cpus: tuple[
 
     Call with BLOCKED signals blocked; the command starts with none blocked.
     """
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    # A server's CPUs in the inventory may be bookkeeping this host does not have; pin to the
+    # ones it has, and not at all when it has none of them.
+    usable = set(cpus) & os.sched_getaffinity(0) if cpus else set()
+    if usable:
+        os.sched_setaffinity(0, usable)
     _become_subreaper()
     return os.posix_spawn(
         executable,
