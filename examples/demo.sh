@@ -20,8 +20,8 @@ echo "== a third job asking for 1 GPU must wait for them"
 sleep 0.5
 echo "== gpurun ps while they run"
 "$GPURUN" ps
-echo "== gpurun status"
-"$GPURUN" status
+echo "== gpurun status --detail"
+"$GPURUN" status --detail
 wait
 echo "== gpurun ps -a at the end"
 "$GPURUN" ps -a

@@ -55,10 +55,19 @@ def admit(
     fixed_cpus = {c for lease in running if _never_ends(lease) for c in lease.cpus}
     capacity_gpus = sum(1 for g in gpus if g not in fixed_gpus)
     capacity_cpus = sum(1 for c in cpus if c not in fixed_cpus)
+    # What comes back when a lease ends: only ids of this inventory (a lease on a GPU removed
+    # from the config gives nothing back), and nothing for a job inside a reservation that
+    # still exists, whose ids come back with the reservation.
+    reservations = {lease.id for lease in leases if lease.kind == "reservation"}
+    gpu_set, cpu_set = set(gpus), set(cpus)
     ends = [
-        (_end_time(lease), len(lease.gpus), len(lease.cpus))
+        (
+            _end_time(lease),
+            sum(1 for g in lease.gpus if g in gpu_set),
+            sum(1 for c in lease.cpus if c in cpu_set),
+        )
         for lease in running
-        if not _never_ends(lease)
+        if not _never_ends(lease) and lease.reservation not in reservations
     ]
 
     admitted: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}

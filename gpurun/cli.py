@@ -19,7 +19,21 @@ from gpurun.errors import (
     UsageError,
 )
 
-COMMANDS = ("run", "ps", "gc", "status", "kill", "reset", "logs", "wait")
+COMMANDS = (
+    "run",
+    "ps",
+    "gc",
+    "status",
+    "kill",
+    "reset",
+    "logs",
+    "wait",
+    "alloc",
+    "release",
+    "doctor",
+)
+# Commands whose --server says which server this host is; the others act on the one named.
+AS_SERVER = ("run", "ps", "gc", "kill", "logs", "wait", "doctor")
 
 EXIT_USAGE = 2
 EXIT_BUSY = 75
@@ -29,14 +43,17 @@ EXIT_INTERRUPTED = 130
 USAGE = """\
 usage: gpurun [run] [-g N] [-c N] [--gpu-ids IDS] [-n NAME] [--no-wait] [--timeout S]
                     [-d] [--time LIMIT] [--priority N] [--after IDS | --after-any IDS]
-                    -- COMMAND
+                    [-r RESERVATION] -- COMMAND
        gpurun ps [-a] [--json]
        gpurun gc [--dry-run] [--json]
-       gpurun status [--json]
+       gpurun status [--detail] [--server NAME] [--json]
        gpurun kill JOB [-s SIGNAL] [--json]
-       gpurun reset [--yes] [--force]
        gpurun logs JOB [-f]
        gpurun wait JOB...
+       gpurun alloc NAME [-g N] [-c N] [--server NAME|auto] [--ttl DURATION] [--json]
+       gpurun release NAME|ID [--server NAME] [--json]
+       gpurun reset [--yes] [--force] [--server NAME | --all]
+       gpurun doctor [--json]
 
 Reserve GPUs and CPUs on this server, run COMMAND pinned to them, free them when it ends.
 Every command takes --config PATH and -v. 'gpurun COMMAND --help' says more.
@@ -136,6 +153,21 @@ def _name(text: str) -> str:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="config file (default: searched)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gpurun does")
+    if not any(a.dest == "server" for a in parser._actions):
+        parser.add_argument(
+            "--server",
+            type=_server_name,
+            metavar="NAME",
+            help="act as server NAME of the inventory (default: this host's)",
+        )
+
+
+def _server_name(text: str) -> str:
+    from gpurun.inventory import is_name
+
+    if text != "auto" and not is_name(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a server name")
+    return text
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -179,6 +211,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             default=0,
             help="queue priority, higher first (default 0; above 0 for root only)",
         )
+        p.add_argument(
+            "-r",
+            "--reservation",
+            metavar="NAME",
+            help="run inside this reservation ('gpurun alloc'): all of it, or -g/-c of it",
+        )
         group = p.add_mutually_exclusive_group()
         group.add_argument(
             "--after",
@@ -205,6 +243,46 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "status":
         p = _Parser(prog="gpurun status", description="Show who holds which GPUs and CPUs.")
+        p.add_argument(
+            "--detail", action="store_true", help="each server's GPUs and CPUs and who holds them"
+        )
+        p.add_argument("--server", type=_server_name, metavar="NAME", help="only this server")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "alloc":
+        p = _Parser(
+            prog="gpurun alloc", description="Reserve GPUs and CPUs with no process (a booking)."
+        )
+        p.add_argument("name", type=_name, help="the reservation's name, unique among leases")
+        p.add_argument("-g", "--gpus", type=_count, default=0, help="number of GPUs (default 0)")
+        p.add_argument(
+            "-c", "--cpus", type=_count, help="number of CPUs (default: cpus_per_gpu per GPU)"
+        )
+        p.add_argument(
+            "--server",
+            type=_server_name,
+            metavar="NAME",
+            help="the server to reserve on, or 'auto' for the one with the most free GPUs "
+            "(default: this host's)",
+        )
+        p.add_argument(
+            "--ttl",
+            type=_duration,
+            metavar="DURATION",
+            help="end by itself after DURATION (90s, 30m, 8h, 2d); default: until released",
+        )
+        p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "release":
+        p = _Parser(prog="gpurun release", description="End a reservation.")
+        p.add_argument("reservation", help="its name or id")
+        p.add_argument(
+            "--server", type=_server_name, metavar="NAME", help="where it is (default: any)"
+        )
+        p.add_argument("--json", action="store_true", help="print JSON")
+    elif command == "doctor":
+        p = _Parser(
+            prog="gpurun doctor",
+            description="Show the effective config and state dir, and any problems.",
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "kill":
         p = _Parser(prog="gpurun kill", description="Signal every process of a job.")
@@ -234,6 +312,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p = _Parser(prog="gpurun reset", description="Move the ledger aside and start a new one.")
         p.add_argument("--yes", action="store_true", help="do not ask")
         p.add_argument("--force", action="store_true", help="even while live jobs hold leases")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument(
+            "--server", type=_server_name, metavar="NAME", help="this server's ledger"
+        )
+        which.add_argument("--all", action="store_true", help="every server's ledger")
     else:
         raise UsageError(f"unknown command '{command}'")
     _common(p)
@@ -324,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(command: str, args: argparse.Namespace) -> int:
     from gpurun.config import load_config
 
-    config = load_config(args.config)
+    if args.server == "auto" and command != "alloc":
+        raise UsageError("--server auto is only for 'gpurun alloc'; name a server")
+    config = load_config(args.config, args.server if command in AS_SERVER else None)
     if args.verbose:
         import logging
 
@@ -349,8 +434,34 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         dropped = jobs.collect_garbage(config, dry_run=args.dry_run)
         print(render.to_json(dropped) if args.json else render.gc_text(dropped, args.dry_run))
     elif command == "status":
-        status = jobs.server_status(config)
-        print(render.to_json(status) if args.json else render.status_text(status))
+        status = jobs.server_status(config, args.server)
+        if args.json:
+            print(render.to_json(status))
+        else:
+            print(render.status_text(status, detail=args.detail))
+    elif command == "alloc":
+        from gpurun.reservations import allocate
+
+        booked = allocate(config, args.name, args.gpus, args.cpus, args.server, args.ttl)
+        if args.json:
+            print(render.to_json(booked))
+        else:
+            sys.stderr.write(render.reservation_text(booked) + "\n")
+            print("\n".join(f"export {key}={value}" for key, value in booked["env"].items()))
+    elif command == "release":
+        from gpurun.reservations import release
+
+        ended = release(config, args.reservation, args.server)
+        if args.json:
+            print(render.to_json(ended))
+        else:
+            print(f"released reservation {ended['id']} '{ended['name']}' on {ended['server']}")
+    elif command == "doctor":
+        from gpurun.doctor import diagnose, doctor_text
+
+        report = diagnose(config)
+        print(render.to_json(report) if args.json else doctor_text(report))
+        return 1 if report["problems"] else 0
     elif command == "kill":
         result = jobs.kill_job(config, args.job, jobs.parse_signal(args.signal))
         if args.json:
@@ -362,9 +473,12 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             raise UsageError(
                 "reset not confirmed; nothing was changed (use --yes to skip the question)"
             )
-        result = jobs.reset_ledger(config, force=args.force)
-        moved = result["moved_to"]
-        print(f"new ledger {result['ledger']}" + (f"; the old one is {moved}" if moved else ""))
+        from gpurun.reservations import server_names
+
+        for name in server_names(config) if args.all else [args.server]:
+            result = jobs.reset_ledger(config, force=args.force, server=name)
+            moved = result["moved_to"]
+            print(f"new ledger {result['ledger']}" + (f"; the old one is {moved}" if moved else ""))
     elif command == "logs":
         return jobs.show_log(config, args.job, follow=args.follow)
     elif command == "wait":
@@ -395,14 +509,25 @@ def _run(args: argparse.Namespace, config: object) -> int:
         raise UsageError(
             "-d queues the job and returns at once; it takes no --no-wait or --timeout"
         )
+    request = Request(gpus=gpus, cpus=cpus, gpu_ids=args.gpu_ids)
+    if args.reservation is not None:
+        if args.detach or args.after or args.after_any or args.priority:
+            raise UsageError(
+                "-r runs at once inside the reservation; it takes no -d, --after or --priority"
+            )
+        if args.gpus is None and args.gpu_ids is None and args.cpus is None:
+            request = None
+        elif args.cpus is None:
+            request = request._replace(cpus=None)
     spec = Spec(
-        request=Request(gpus=gpus, cpus=cpus, gpu_ids=args.gpu_ids),
+        request=request,
         command=args.command,
         name=args.name,
         priority=args.priority,
         time_limit=args.time,
         after=args.after or args.after_any or (),
         after_any=args.after_any is not None,
+        reservation=args.reservation,
     )
     try:
         return run_job(

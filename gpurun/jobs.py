@@ -15,15 +15,14 @@ from gpurun.admission import queue_order
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
-from gpurun.launch import forget_dead, reap_dead
+from gpurun.launch import forget_dead, open_ledger, reap_dead
 from gpurun.ledger import Lease, Ledger, State, Watcher
+from gpurun.log import get_logger
+
+log = get_logger(__name__)
 
 # Signals after which `kill` sends SIGKILL to what is left once kill_grace has passed.
 ESCALATE = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-
-
-def open_ledger(config: Config) -> Ledger:
-    return Ledger(config.state_dir, config.server, config.lock_timeout, config.server_named)
 
 
 def iso_time(when: float | None) -> str | None:
@@ -110,92 +109,137 @@ def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, obj
     now = time.time()
     if dry_run:
         state = ledger.read()
-        dead = [
-            lease
-            for lease in state.leases
-            if not ledger.alive(lease, now)
-        ]
+        dead = [lease for lease in state.leases if not ledger.alive(lease, now)]
     else:
         ledger.ensure_dirs()
         with ledger.transaction() as state:
             dead = reap_dead(ledger, state, now)
+            # Written even when nothing died: the write stamps this host's heartbeat, which
+            # other hosts read to tell a quiet server from a stale one.
+            state.changed = True
         forget_dead(ledger, dead, now)
     return [lease_view(lease, False, now) for lease in dead]
 
 
-def server_status(config: Config) -> dict[str, object]:
-    """This server's GPUs and CPUs, free and held, and by which job."""
-    ledger = open_ledger(config)
-    state = ledger.read()
+def server_status(config: Config, server: str | None = None) -> dict[str, object]:
+    """Every server of the inventory (or the one named): GPUs and CPUs, free and held, by
+    which lease, and the server's state; with a total over them."""
+    from gpurun.reservations import server_names
+
+    names = server_names(config)
+    if server is not None:
+        if server not in names:
+            raise NotFoundError(f"no server named '{server}'; the servers are {', '.join(names)}")
+        names = [server]
     now = time.time()
-    views = [
-        lease_view(lease, ledger.alive(lease, now), now)
-        for lease in state.leases
+    servers = [_server_view(config, name, now) for name in names]
+    total = {
+        key: sum(view[key] for view in servers)
+        for key in ("gpus_total", "cpus_total", "cpus_free", "jobs", "waiting")
+    }
+    total["gpus_free"] = sum(len(view["gpus_free"]) for view in servers)
+    return {"servers": servers, "total": total}
+
+
+def _server_view(config: Config, name: str, now: float) -> dict[str, object]:
+    from gpurun.reservations import server_inventory
+
+    ledger = open_ledger(config, name)
+    problems = []
+    try:
+        state = ledger.read()
+    except LedgerError as exc:
+        if name == config.server:
+            raise
+        state = State([], 1, 0.0)
+        problems.append("unreadable")
+        log.warning("%s", exc)
+    inventory = server_inventory(config, name, state)
+    if inventory is None:
+        problems.append("unknown size")
+        inventory = ((), ())
+    inventory_gpus, inventory_cpus = inventory
+    gpu_set, cpu_set = set(inventory_gpus), set(inventory_cpus)
+
+    views = []
+    for lease in state.leases:
+        view = lease_view(lease, ledger.alive(lease, now), now)
+        view["orphaned"] = bool(set(lease.gpus) - gpu_set or set(lease.cpus) - cpu_set)
+        view["reservation"] = lease.reservation
+        views.append(view)
+    # A reservation shows as the holder of its ids; jobs run inside it are listed as leases.
+    outer = [view for view in views if view["reservation"] is None]
+    gpu_holder = {gpu: view for view in outer for gpu in view["gpus"]}
+    cpu_holder = {cpu: view for view in outer for cpu in view["cpus"]}
+
+    gpus = [_gpu_row(gpu, gpu_holder.get(gpu)) for gpu in inventory_gpus]
+    gone = sorted(set(gpu_holder) - gpu_set)
+    gpus.extend(dict(_gpu_row(gpu, gpu_holder[gpu]), state="orphaned") for gpu in gone)
+    cpu_groups = [
+        _cpu_group(view["cpus"], view, "orphaned" if view["orphaned"] else None)
+        for view in outer
+        if view["cpus"]
     ]
-    gpu_holder: dict[int, dict[str, object]] = {}
-    cpu_holder: dict[int, dict[str, object]] = {}
-    for view in views:
-        for gpu in view["gpus"]:
-            gpu_holder[gpu] = view
-        for cpu in view["cpus"]:
-            cpu_holder[cpu] = view
-    gpus = []
-    for gpu in config.gpus:
-        holder = gpu_holder.get(gpu)
-        gpus.append(
-            {
-                "id": gpu,
-                "state": "free"
-                if holder is None
-                else ("held" if holder["state"] != "dead" else "dead"),
-                "job": None if holder is None else holder["id"],
-                "user": None if holder is None else holder["user"],
-                "name": None if holder is None else holder["name"],
-            }
-        )
-    cpu_groups = []
-    for view in views:
-        if view["cpus"]:
-            cpu_groups.append(
-                {
-                    "cpulist": format_cpulist(view["cpus"]),
-                    "ids": view["cpus"],
-                    "count": len(view["cpus"]),
-                    "job": view["id"],
-                    "user": view["user"],
-                    "name": view["name"],
-                    "state": "held" if view["state"] != "dead" else "dead",
-                }
-            )
-    free_cpus = [c for c in config.cpus if c not in cpu_holder]
+    free_cpus = [c for c in inventory_cpus if c not in cpu_holder]
     if free_cpus:
-        cpu_groups.append(
-            {
-                "cpulist": format_cpulist(free_cpus),
-                "ids": free_cpus,
-                "count": len(free_cpus),
-                "job": None,
-                "user": None,
-                "name": None,
-                "state": "free",
-            }
-        )
-    server = {
-        "name": config.server,
-        "address": os.uname().nodename,
-        "labels": [],
-        "gpus_total": len(config.gpus),
+        cpu_groups.append(_cpu_group(free_cpus, None, "free"))
+
+    heartbeat = state.heartbeat or None
+    if name != config.server:
+        if heartbeat is None:
+            problems.append("unseen")
+        elif heartbeat is not None and now - heartbeat > config.stale_after:
+            problems.append("stale")
+    if any(view["orphaned"] for view in views):
+        problems.append("orphaned")
+    entry = config.entry if name == config.server else None
+    entry = entry or next((s for s in config.servers if s.name == name), None)
+    return {
+        "name": name,
+        "address": (entry.address if entry else None)
+        or (os.uname().nodename if name == config.server else None),
+        "labels": list(entry.labels) if entry else [],
+        "local": name == config.server,
+        "gpus_total": len(inventory_gpus),
         "gpus_free": [g["id"] for g in gpus if g["state"] == "free"],
-        "cpus_total": len(config.cpus),
+        "cpus_total": len(inventory_cpus),
         "cpus_free": len(free_cpus),
-        "jobs": sum(1 for view in views if view["state"] == "running"),
+        "jobs": sum(1 for view in views if view["state"] == "running" and view["kind"] == "job"),
+        "reservations": sum(1 for view in views if view["kind"] == "reservation"),
         "waiting": sum(1 for view in views if view["state"] == "waiting"),
-        "state": "ok",
+        "state": ", ".join(problems) or "ok",
+        "heartbeat": iso_time(heartbeat),
+        "heartbeat_age": None if heartbeat is None else round(now - heartbeat, 1),
         "gpus": gpus,
         "cpus": cpu_groups,
         "leases": views,
     }
-    return {"servers": [server]}
+
+
+def _gpu_row(gpu: int, holder: dict[str, object] | None) -> dict[str, object]:
+    return {
+        "id": gpu,
+        "state": "free" if holder is None else ("dead" if holder["state"] == "dead" else "held"),
+        "job": None if holder is None else holder["id"],
+        "user": None if holder is None else holder["user"],
+        "name": None if holder is None else holder["name"],
+    }
+
+
+def _cpu_group(
+    ids: list[int], holder: dict[str, object] | None, state: str | None
+) -> dict[str, object]:
+    if state is None:
+        state = "dead" if holder["state"] == "dead" else "held"
+    return {
+        "cpulist": format_cpulist(ids),
+        "ids": ids,
+        "count": len(ids),
+        "job": None if holder is None else holder["id"],
+        "user": None if holder is None else holder["user"],
+        "name": None if holder is None else holder["name"],
+        "state": state,
+    }
 
 
 def is_id(text: str) -> bool:
@@ -359,13 +403,16 @@ def _wait_released(ledger: Ledger, lease: Lease, seconds: float) -> None:
     forget_dead(ledger, dead, now)
 
 
-def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
-    """Move the ledger aside (kept, timestamped) and start an empty one.
+def reset_ledger(
+    config: Config, force: bool = False, server: str | None = None
+) -> dict[str, object]:
+    """Move a server's ledger aside (kept, timestamped) and start an empty one.
 
-    Refuses while live jobs hold leases, unless `force`; a ledger that cannot be read is
+    Refuses while live leases remain, unless `force`; on another server's ledger every job
+    lease counts as live, since only its own host can tell. A ledger that cannot be read is
     moved aside as it is.
     """
-    ledger = open_ledger(config)
+    ledger = open_ledger(config, server)
     ledger.ensure_dirs()
     fd = ledger.lock()
     try:
@@ -377,21 +424,21 @@ def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
         now = time.time()
         live = set(ledger.live_job_locks())
         if state is not None:
-            live.update(
-                lease.id
-                for lease in state.leases
-                if ledger.alive(lease, now)
-            )
+            live.update(lease.id for lease in state.leases if ledger.alive(lease, now))
             next_id = state.next_id
         if live and not force:
             ids = ", ".join(map(str, sorted(live)))
             raise GpurunError(
-                f"live jobs still hold leases ({ids}); end them first, or use 'gpurun reset "
-                "--force' to forget them (their GPUs may then be given out twice)"
+                f"live jobs or reservations still hold leases on {ledger.server} ({ids}); end "
+                "them first, or use 'gpurun reset --force' to forget them (their GPUs may then "
+                "be given out twice)"
             )
         next_id = max(next_id, ledger.last_history_id() + 1, max(live, default=0) + 1)
         # The new ledger is written first, so a full disk leaves the old one in place.
-        tmp = ledger.write_temp(State([], next_id, 0.0))
+        fresh = State([], next_id, 0.0)
+        if state is not None and not ledger.owner:
+            fresh = State([], next_id, state.heartbeat, state.boot, state.inventory)
+        tmp = ledger.write_temp(fresh)
         try:
             aside = ledger.move_aside()
             os.rename(tmp, ledger.path)
@@ -401,7 +448,7 @@ def reset_ledger(config: Config, force: bool = False) -> dict[str, object]:
             raise
     finally:
         os.close(fd)
-    return {"ledger": ledger.path, "moved_to": aside}
+    return {"server": ledger.server, "ledger": ledger.path, "moved_to": aside}
 
 
 def find_any(config: Config, ref: str) -> dict[str, object]:

@@ -29,20 +29,38 @@ from gpurun.errors import (
 )
 from gpurun.ledger import Holder, Lease, Ledger, State, Watcher
 from gpurun.log import get_logger
-from gpurun.placement import Request, check_possible
+from gpurun.placement import Request, check_limits, check_possible
 
 log = get_logger(__name__)
 
 POLL_SECONDS = 1.0
 
-_SpecBase = namedtuple("_SpecBase", "request command name priority time_limit after after_any")
+_SpecBase = namedtuple(
+    "_SpecBase", "request command name priority time_limit after after_any reservation"
+)
 
 
 class Spec(_SpecBase):
-    """What the user asked for: request (Request), command (list of str), name (str or None),
-    priority (int), time_limit (seconds or None), after (tuple of job ids), after_any (bool)."""
+    """What the user asked for: request (Request, or None for all of a reservation), command
+    (list of str), name (str or None), priority (int), time_limit (seconds or None), after
+    (tuple of job ids), after_any (bool), reservation (the name or id to run inside, or None).
+    """
 
     __slots__ = ()
+
+
+def open_ledger(config: Config, server: str | None = None) -> Ledger:
+    """This host's ledger, or another server's (whose job leases this host cannot judge)."""
+    if server is None or server == config.server:
+        return Ledger(
+            config.state_dir,
+            config.server,
+            config.lock_timeout,
+            config.server_named,
+            owner=True,
+            inventory=(config.gpus, config.cpus),
+        )
+    return Ledger(config.state_dir, server, config.lock_timeout, named=True, owner=False)
 
 
 class DependencyFailed(GpurunError):
@@ -108,10 +126,15 @@ def run_job(
     queued, having printed its id.
     """
     executable, argv = exec_argv(resolve_command(spec.command[0]), spec.command)
+    if spec.reservation is not None:
+        from gpurun.reservations import run_inside
+
+        return run_inside(config, spec, executable, argv)
     check_possible(spec.request, config.gpus, config.cpus)
+    check_limits(spec.request, config.limits, config.server, config.path)
     if spec.priority > 0 and os.geteuid() != 0:
         raise RefusedError(f"only root may raise --priority above 0 (asked {spec.priority})")
-    ledger = Ledger(config.state_dir, config.server, config.lock_timeout, config.server_named)
+    ledger = open_ledger(config)
     ledger.ensure_dirs()
     if spec.after:
         _check_known(ledger, spec.after)
@@ -289,11 +312,7 @@ def place_admitted(state: State, config: Config, now: float, dependencies: objec
 
 def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
     """Drop the dead leases from `state` (under the lock) and return them."""
-    dead = [
-        lease
-        for lease in state.leases
-        if not ledger.alive(lease, now)
-    ]
+    dead = [lease for lease in state.leases if not ledger.alive(lease, now)]
     for lease in dead:
         state.remove(lease.id)
         log.info("reaped dead lease %d (%s)", lease.id, lease.name)
@@ -448,6 +467,7 @@ def _new_entry(ledger: Ledger, spec: Spec, lease_id: int, now: float, detached: 
         after_any=spec.after_any,
         log=ledger.log_path(lease_id) if detached else None,
         placed=None,
+        reservation=None,
     )
 
 

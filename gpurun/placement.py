@@ -37,6 +37,27 @@ def check_possible(request: Request, gpus: tuple[int, ...], cpus: tuple[int, ...
         )
 
 
+def check_limits(request: Request, limits: object, server: str, path: str) -> None:
+    """Raise CapacityError when the request breaks the server's per-job `limits`."""
+    where = f"server {server} allows"
+    source = f" (limits in {path})" if path else ""
+    if limits.max_gpus is not None and request.gpus > limits.max_gpus:
+        raise CapacityError(
+            f"asked for {_plural(request.gpus, 'GPU')} but {where} at most "
+            f"{limits.max_gpus} per job{source}"
+        )
+    if limits.min_gpus is not None and request.gpus < limits.min_gpus:
+        raise CapacityError(
+            f"asked for {_plural(request.gpus, 'GPU')} but {where} no fewer than "
+            f"{limits.min_gpus} per job{source}"
+        )
+    if limits.max_cpus is not None and request.cpus > limits.max_cpus:
+        raise CapacityError(
+            f"asked for {_plural(request.cpus, 'CPU')} but {where} at most "
+            f"{limits.max_cpus} per job{source}; ask for fewer with -c"
+        )
+
+
 def place(
     request: Request,
     gpus: tuple[int, ...],

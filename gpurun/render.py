@@ -55,6 +55,8 @@ def _state(job: dict[str, object]) -> str:
     code = job.get("exit_code")
     if job.get("state") == "exited" and code is not None:
         return f"exit {code}"
+    if job.get("kind") == "reservation" and job.get("state") == "running":
+        return "reserved"
     if job.get("state") == "waiting" and job.get("position"):
         return f"waiting #{job['position']}"
     return str(job.get("state"))
@@ -72,7 +74,7 @@ def jobs_table(jobs: list[dict[str, object]]) -> str:
             _cpus(j["cpus"]),
             _state(j),
             duration(j.get("elapsed")),
-            " ".join(j.get("command") or []),
+            " ".join(j.get("command") or []) or f"({j.get('kind')})",
         ]
         for j in jobs
     ]
@@ -90,52 +92,100 @@ def gc_text(dropped: list[dict[str, object]], dry_run: bool) -> str:
     )
 
 
-def status_text(status: dict[str, object]) -> str:
-    parts = []
+def status_text(status: dict[str, object], detail: bool = False) -> str:
+    """One row per server and a total; with `detail`, each server's GPUs and CPUs after it."""
+    rows = []
     for server in status["servers"]:
-        summary = table(
-            ["SERVER", "GPUS FREE", "CPUS FREE", "JOBS", "WAITING", "STATE"],
+        rows.append(
             [
-                [
-                    server["name"],
-                    f"{len(server['gpus_free'])}/{server['gpus_total']}",
-                    f"{server['cpus_free']}/{server['cpus_total']}",
-                    str(server["jobs"]),
-                    str(server["waiting"]),
-                    server["state"],
-                ]
-            ],
+                server["name"] + (" *" if server.get("local") else ""),
+                f"{len(server['gpus_free'])}/{server['gpus_total']}",
+                _percent(server["gpus_total"] - len(server["gpus_free"]), server["gpus_total"]),
+                f"{server['cpus_free']}/{server['cpus_total']}",
+                _percent(server["cpus_total"] - server["cpus_free"], server["cpus_total"]),
+                str(server["jobs"]),
+                str(server["waiting"]),
+                _server_state(server),
+            ]
         )
-        gpus = (
-            table(
-                ["GPU", "STATE", "JOB", "USER", "NAME"],
-                [
-                    [
-                        str(g["id"]),
-                        g["state"],
-                        str(g["job"] or "-"),
-                        g["user"] or "-",
-                        g["name"] or "-",
-                    ]
-                    for g in server["gpus"]
-                ],
-            )
-            if server["gpus"]
-            else "no GPUs"
-        )
-        cpus = table(
-            ["CPUS", "COUNT", "STATE", "JOB", "USER", "NAME"],
+    total = status.get("total")
+    if total and len(status["servers"]) > 1:
+        rows.append(
             [
-                [
-                    c["cpulist"],
-                    str(c["count"]),
-                    c["state"],
-                    str(c["job"] or "-"),
-                    c["user"] or "-",
-                    c["name"] or "-",
-                ]
-                for c in server["cpus"]
-            ],
+                "TOTAL",
+                f"{total['gpus_free']}/{total['gpus_total']}",
+                _percent(total["gpus_total"] - total["gpus_free"], total["gpus_total"]),
+                f"{total['cpus_free']}/{total['cpus_total']}",
+                _percent(total["cpus_total"] - total["cpus_free"], total["cpus_total"]),
+                str(total["jobs"]),
+                str(total["waiting"]),
+                "",
+            ]
         )
-        parts.append(f"{summary}\n\n{gpus}\n\n{cpus}")
+    headers = ["SERVER", "GPUS FREE", "GPU%", "CPUS FREE", "CPU%", "JOBS", "WAITING", "STATE"]
+    parts = [table(headers, rows)]
+    if detail:
+        for server in status["servers"]:
+            parts.append(f"{server['name']}:\n{_server_detail(server)}")
     return "\n\n".join(parts)
+
+
+def _percent(used: int, total: int) -> str:
+    return f"{100 * used // total}%" if total else "-"
+
+
+def _server_state(server: dict[str, object]) -> str:
+    state = server["state"]
+    age = server.get("heartbeat_age")
+    if "stale" in state and age is not None:
+        state = state.replace("stale", f"stale ({duration(age)} ago)")
+    return state
+
+
+def _server_detail(server: dict[str, object]) -> str:
+    gpus = (
+        table(
+            ["GPU", "STATE", "JOB", "USER", "NAME"],
+            [
+                [
+                    str(g["id"]),
+                    g["state"],
+                    str(g["job"] or "-"),
+                    g["user"] or "-",
+                    g["name"] or "-",
+                ]
+                for g in server["gpus"]
+            ],
+        )
+        if server["gpus"]
+        else "no GPUs"
+    )
+    cpus = table(
+        ["CPUS", "COUNT", "STATE", "JOB", "USER", "NAME"],
+        [
+            [
+                c["cpulist"],
+                str(c["count"]),
+                c["state"],
+                str(c["job"] or "-"),
+                c["user"] or "-",
+                c["name"] or "-",
+            ]
+            for c in server["cpus"]
+        ],
+    )
+    return f"{gpus}\n\n{cpus}"
+
+
+def reservation_text(booked: dict[str, object]) -> str:
+    expires = booked.get("expires")
+    until = "until 'gpurun release'"
+    if expires is not None:
+        import time
+
+        until = f"for {duration(expires - time.time())}"
+    return (
+        f"gpurun: reservation {booked['id']} '{booked['name']}' on server {booked['server']}: "
+        f"GPUs {_ids(booked['gpus'])}, CPUs {_cpus(booked['cpus'])}, {until}; run in it with "
+        f"'gpurun -r {booked['name']} -- COMMAND' or use these lines:"
+    )

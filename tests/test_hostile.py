@@ -33,7 +33,7 @@ def test_reset_of_an_unreadable_ledger_does_not_forget_live_jobs(gpurun):
     after = gpurun.run("-g", "1", "-c", "0", "--", "true")
 
     assert refused.returncode == 125
-    assert "live jobs still hold leases (1)" in one_line(refused.stderr)
+    assert "still hold leases on" in refused.stderr and "(1)" in refused.stderr
     assert forced.returncode == 0, forced.stderr
     # The new ledger's ids start past every id a live job holds, so nothing collides.
     assert after.returncode == 0, after.stderr

@@ -66,7 +66,7 @@ def test_status_shows_who_holds_what(gpurun):
     wait_json(gpurun.tmp / "a.start")
 
     server = gpurun.status()
-    text = gpurun.run("status").stdout
+    text = gpurun.run("status", "--detail").stdout
 
     assert server["gpus_total"] == 4 and server["gpus_free"] == [1, 2, 3]
     assert server["cpus_total"] == len(os.sched_getaffinity(0))

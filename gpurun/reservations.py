@@ -1,0 +1,387 @@
+"""Reservations: leases with no process (`alloc`, `release`) and jobs run inside them (`-r`).
+
+A reservation is a lease of kind "reservation" with no holder; it lives until `release` or
+until its expiry passes, so any host may judge it, and any host may write one into another
+server's ledger (the only write a host makes to a ledger not its own). It enters the queue's
+rules like a job arriving now: it is granted only if it fits at once and delays no job
+already waiting; otherwise `alloc` fails with exit 75 rather than wait, since there is no
+process to hold its place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from gpurun import supervise
+from gpurun.admission import READY, admit
+from gpurun.config import Config
+from gpurun.cpulist import format_cpulist
+from gpurun.errors import BusyError, CapacityError, GpurunError, NotFoundError, RefusedError
+from gpurun.launch import (
+    Spec,
+    _new_entry,
+    _new_job,
+    _user_name,
+    forget_dead,
+    open_ledger,
+    reap_dead,
+    run_reserved,
+)
+from gpurun.ledger import Lease, Ledger, State
+from gpurun.placement import Request, check_limits, check_possible, place
+
+
+def server_inventory(
+    config: Config, server: str, state: State
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """A server's GPU and CPU ids: this host's from its config, another's from the inventory,
+    or for `auto`, what its host last wrote in its ledger; None when unknown."""
+    if server == config.server:
+        return config.gpus, config.cpus
+    entry = next((s for s in config.servers if s.name == server), None)
+    recorded = state.inventory or {}
+    gpus = entry.gpus if entry is not None and entry.gpus is not None else recorded.get("gpus")
+    cpus = entry.cpus if entry is not None and entry.cpus is not None else recorded.get("cpus")
+    if gpus is None or cpus is None:
+        return None
+    return tuple(gpus), tuple(cpus)
+
+
+def server_names(config: Config) -> list[str]:
+    """Every server of the inventory, this host's first."""
+    names = [config.server]
+    names.extend(s.name for s in config.servers if s.name != config.server)
+    return names
+
+
+def allocate(
+    config: Config,
+    name: str,
+    gpus: int,
+    cpus: int | None,
+    server: str | None,
+    ttl: float | None,
+) -> dict[str, object]:
+    """Reserve GPUs and CPUs with no process; return what `alloc --json` prints."""
+    _check_unique(config, name)
+    if server == "auto":
+        server = _pick_server(config, gpus, cpus)
+    server = server or config.server
+    if server not in server_names(config):
+        known = ", ".join(server_names(config))
+        raise NotFoundError(f"no server named '{server}'; the servers are {known}")
+
+    ledger = open_ledger(config, server)
+    ledger.ensure_dirs()
+    with ledger.transaction() as state:
+        now = time.time()
+        dead = reap_dead(ledger, state, now)
+        inventory = _known_inventory(config, server, state)
+        request = _request(config, server, inventory, gpus, cpus)
+        for lease in state.leases:
+            if lease.name == name and ledger.alive(lease, now):
+                raise RefusedError(f"a live lease on {server} is already named '{name}'")
+        spot = _admitted_spot(state, inventory, request, now)
+        if spot is None:
+            busy = _busy(state, inventory, request, server)
+        else:
+            lease = Lease(
+                id=state.take_id(),
+                kind="reservation",
+                state="running",
+                name=name,
+                user=_user_name(),
+                uid=os.getuid(),
+                host=os.uname().nodename,
+                gpus=spot[0],
+                cpus=spot[1],
+                command=(),
+                created=now,
+                started=now,
+                holders=(),
+                boot="",
+                expires=None if ttl is None else now + ttl,
+                request=request,
+                priority=0,
+                time_limit=None,
+                after=(),
+                after_any=False,
+                log=None,
+                placed=now,
+                reservation=None,
+            )
+            state.add(lease)
+    forget_dead(ledger, dead, now)
+    if spot is None:
+        raise BusyError(busy)
+    return reservation_view(lease, server)
+
+
+def reservation_view(lease: Lease, server: str) -> dict[str, object]:
+    gpus = ",".join(map(str, lease.gpus))
+    env = {
+        "CUDA_VISIBLE_DEVICES": gpus,
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "GPURUN_RESERVATION": lease.name,
+        "GPURUN_GPUS": gpus,
+        "GPURUN_CPUS": format_cpulist(lease.cpus),
+    }
+    if lease.cpus:
+        env["OMP_NUM_THREADS"] = str(len(lease.cpus))
+    return {
+        "name": lease.name,
+        "id": lease.id,
+        "server": server,
+        "user": lease.user,
+        "gpus": list(lease.gpus),
+        "cpus": list(lease.cpus),
+        "expires": lease.expires,
+        "env": env,
+    }
+
+
+def release(config: Config, ref: str, server: str | None = None) -> dict[str, object]:
+    """End a reservation (owner or root); refuse while jobs run inside it."""
+    from gpurun.launch import finished_record
+
+    ledger, lease = find_reservation(config, ref, server)
+    with ledger.transaction() as state:
+        now = time.time()
+        current = state.find(lease.id)
+        if current is None or current.kind != "reservation":
+            raise NotFoundError(f"reservation '{ref}' on {ledger.server} has just ended")
+        _check_owner(current, "release")
+        inside = [
+            other.id
+            for other in state.leases
+            if other.reservation == current.id and ledger.alive(other, now)
+        ]
+        if inside:
+            ids = ", ".join(map(str, inside))
+            raise RefusedError(
+                f"reservation '{current.name}' still runs job {ids}; end it first "
+                f"('gpurun kill {inside[0]}')"
+            )
+        state.remove(current.id)
+    ledger.append_history([finished_record(current, ledger.server, now, None, "released")])
+    return reservation_view(current, ledger.server)
+
+
+def find_reservation(config: Config, ref: str, server: str | None = None) -> tuple[Ledger, Lease]:
+    """The live reservation named `ref` (a name or an id), looked for on this host's server
+    first, then on every other server; an id found on several servers needs --server."""
+    names = [server] if server else server_names(config)
+    found: list[tuple[Ledger, Lease]] = []
+    now = time.time()
+    for name in names:
+        ledger = open_ledger(config, name)
+        for lease in ledger.read().leases:
+            if lease.kind != "reservation" or not ledger.alive(lease, now):
+                continue
+            if lease.name == ref or (ref.isdigit() and lease.id == int(ref)):
+                found.append((ledger, lease))
+    by_name = [pair for pair in found if pair[1].name == ref]
+    if by_name:
+        found = by_name
+    if not found:
+        where = f"on server {server}" if server else "on any server"
+        raise NotFoundError(f"no live reservation '{ref}' {where}; 'gpurun status' lists them")
+    if len(found) > 1:
+        servers = ", ".join(ledger.server for ledger, _ in found)
+        raise GpurunError(f"'{ref}' is a reservation on {servers}; say which with --server")
+    return found[0]
+
+
+def run_inside(config: Config, spec: Spec, executable: str, argv: list[str]) -> int:
+    """Run a job on a reservation's GPUs and CPUs (all of them, or -g/-c of them)."""
+    ledger, reservation = find_reservation(config, spec.reservation)
+    if ledger.server != config.server:
+        raise RefusedError(
+            f"reservation '{reservation.name}' is on server {ledger.server}, and this host is "
+            f"{config.server}; run the command on {ledger.server}"
+        )
+    _check_owner(reservation, "run inside")
+    ledger.ensure_dirs()
+
+    with ledger.transaction(block=supervise.BLOCKED) as state:
+        now = time.time()
+        dead = reap_dead(ledger, state, now)
+        current = state.find(reservation.id)
+        if current is None:
+            raise NotFoundError(f"reservation '{reservation.name}' has just ended")
+        request = spec.request or Request(len(current.gpus), len(current.cpus), None)
+        if request.cpus is None:
+            per_gpu = len(current.cpus) // len(current.gpus) if current.gpus else 0
+            request = request._replace(cpus=min(max(1, request.gpus * per_gpu), len(current.cpus)))
+        check_possible(request, current.gpus, current.cpus)
+        inside = [lease for lease in state.leases if lease.reservation == current.id]
+        held_gpus = {g for lease in inside for g in lease.gpus}
+        held_cpus = {c for lease in inside for c in lease.cpus}
+        spot = place(request, current.gpus, current.cpus, held_gpus, held_cpus)
+        if spot is not None:
+            lease_id, lock_fd = _new_job(ledger, state)
+            entry = _new_entry(ledger, spec._replace(request=request), lease_id, now, False)
+            entry = entry._replace(
+                state="running", gpus=spot[0], cpus=spot[1], placed=now, reservation=current.id
+            )
+            state.add(entry)
+    forget_dead(ledger, dead, now)
+    if spot is None:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+        ids = ", ".join(str(lease.id) for lease in inside)
+        raise BusyError(
+            f"reservation '{current.name}' has too little left: job {ids} runs inside it; "
+            "ask for a part of it with -g and -c"
+        )
+    return run_reserved(ledger, config, entry, lock_fd, executable, argv)
+
+
+def _check_unique(config: Config, name: str) -> None:
+    now = time.time()
+    for server in server_names(config):
+        ledger = open_ledger(config, server)
+        try:
+            leases = ledger.read().leases
+        except GpurunError:
+            continue
+        if any(lease.name == name and ledger.alive(lease, now) for lease in leases):
+            raise RefusedError(
+                f"a live lease on {server} is already named '{name}'; pick another name"
+            )
+
+
+def _known_inventory(
+    config: Config, server: str, state: State
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    inventory = server_inventory(config, server, state)
+    if inventory is None:
+        raise GpurunError(
+            f"the GPUs and CPUs of server {server} are unknown: its config says auto and its "
+            f"host has not written its ledger yet; run 'gpurun gc' on {server} or list them"
+        )
+    return inventory
+
+
+def _request(
+    config: Config,
+    server: str,
+    inventory: tuple[tuple[int, ...], tuple[int, ...]],
+    gpus: int,
+    cpus: int | None,
+) -> Request:
+    """The request on `server`: -c defaults as for a job, from that server's CPUs per GPU."""
+    all_gpus, all_cpus = inventory
+    if cpus is None:
+        per_gpu = len(all_cpus) // len(all_gpus) if all_gpus else 0
+        cpus = min(max(1, gpus * per_gpu), len(all_cpus))
+    request = Request(gpus, cpus, None)
+    check_possible(request, all_gpus, all_cpus)
+    entry = next((s for s in config.servers if s.name == server), None)
+    check_limits(request, entry.limits if entry else config.limits, server, config.path)
+    return request
+
+
+def _admitted_spot(
+    state: State,
+    inventory: tuple[tuple[int, ...], tuple[int, ...]],
+    request: Request,
+    now: float,
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Where the request goes if, arriving now behind every waiting job, it may start now."""
+    probe = _new_probe(state, request, now)
+    admitted = admit([*state.leases, probe], *inventory, now, lambda lease: READY)
+    return admitted.get(probe.id)
+
+
+def _new_probe(state: State, request: Request, now: float) -> Lease:
+    """A waiting entry standing for the reservation while the queue's rules judge it."""
+    from gpurun.ledger import Holder
+
+    return Lease(
+        id=state.next_id,
+        kind="reservation",
+        state="waiting",
+        name="",
+        user="",
+        uid=0,
+        host="",
+        gpus=(),
+        cpus=(),
+        command=(),
+        created=now,
+        started=None,
+        holders=(Holder(0, 0, "alloc"),),
+        boot="",
+        expires=None,
+        request=request,
+        priority=0,
+        time_limit=None,
+        after=(),
+        after_any=False,
+        log=None,
+        placed=None,
+        reservation=None,
+    )
+
+
+def _busy(
+    state: State,
+    inventory: tuple[tuple[int, ...], tuple[int, ...]],
+    request: Request,
+    server: str,
+) -> str:
+    gpus, cpus = inventory
+    held_gpus = {g for lease in state.leases for g in lease.gpus if g in gpus}
+    held_cpus = {c for lease in state.leases for c in lease.cpus if c in cpus}
+    waiting = sum(1 for lease in state.leases if lease.state == "waiting")
+    text = (
+        f"server {server} cannot reserve {request.gpus} GPUs and {request.cpus} CPUs now: "
+        f"{len(held_gpus)} of {len(gpus)} GPUs and {len(held_cpus)} of {len(cpus)} CPUs are held"
+    )
+    if waiting:
+        text += f" and {waiting} waiting jobs come first"
+    return text + "; try later or another server (--server auto)"
+
+
+def _pick_server(config: Config, gpus: int, cpus: int | None) -> str:
+    """The server with the most free GPUs (then CPUs) where the reservation may start now."""
+    best: tuple[int, int, str] | None = None
+    reasons = []
+    now = time.time()
+    for name in server_names(config):
+        ledger = open_ledger(config, name)
+        try:
+            state = ledger.read()
+            inventory = _known_inventory(config, name, state)
+            request = _request(config, name, inventory, gpus, cpus)
+        except (GpurunError, CapacityError) as exc:
+            reasons.append(f"{name}: {exc}")
+            continue
+        live = [lease for lease in state.leases if ledger.alive(lease, now)]
+        state = State(live, state.next_id, state.heartbeat)
+        if _admitted_spot(state, inventory, request, now) is None:
+            reasons.append(f"{name}: busy")
+            continue
+        held_gpus = {g for lease in live for g in lease.gpus}
+        held_cpus = {c for lease in live for c in lease.cpus}
+        free = (
+            sum(1 for g in inventory[0] if g not in held_gpus),
+            sum(1 for c in inventory[1] if c not in held_cpus),
+        )
+        if best is None or free > best[:2]:
+            best = (*free, name)
+    if best is None:
+        raise BusyError(
+            f"no server can reserve {gpus} GPUs now ({'; '.join(reasons)[:300]}); try later"
+        )
+    return best[2]
+
+
+def _check_owner(lease: Lease, action: str) -> None:
+    if os.getuid() not in (0, lease.uid):
+        raise RefusedError(
+            f"reservation '{lease.name}' belongs to {lease.user}; only they or root may {action} it"
+        )
