@@ -326,14 +326,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
     """Which command `argv` names, and the rest; anything else is `run`.
 
-    Leading --config/-v may come before the command name.
+    The options every command takes (--config, --server, -v) may come before its name.
     """
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-v", "--verbose") or arg.startswith("--config="):
+        if arg in ("-v", "--verbose") or arg.startswith(("--config=", "--server=")):
             i += 1
-        elif arg == "--config":
+        elif arg in ("--config", "--server"):
             i += 2
         else:
             break

@@ -168,7 +168,9 @@ def _server_view(config: Config, name: str, now: float) -> dict[str, object]:
         view["reservation"] = lease.reservation
         views.append(view)
     # A reservation shows as the holder of its ids; jobs run inside it are listed as leases.
-    outer = [view for view in views if view["reservation"] is None]
+    # A job whose reservation expired or was reset away holds its ids itself.
+    listed = {lease.id for lease in state.leases}
+    outer = [view for view in views if view["reservation"] not in listed]
     gpu_holder = {gpu: view for view in outer for gpu in view["gpus"]}
     cpu_holder = {cpu: view for view in outer for cpu in view["cpus"]}
 

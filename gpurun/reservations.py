@@ -63,7 +63,30 @@ def allocate(
     server: str | None,
     ttl: float | None,
 ) -> dict[str, object]:
-    """Reserve GPUs and CPUs with no process; return what `alloc --json` prints."""
+    """Reserve GPUs and CPUs with no process; return what `alloc --json` prints.
+
+    A reservation's name is unique across every server, so two hosts booking one name on
+    two servers at once must not both see it free: the check and the write happen under a
+    lock of the whole state dir, `.names.json.lock`, taken before any ledger's lock (and
+    never after one, so the two cannot deadlock).
+    """
+    names = Ledger(config.state_dir, ".names", config.lock_timeout)
+    names.ensure_dirs()
+    fd = names.lock()
+    try:
+        return _allocate(config, name, gpus, cpus, server, ttl)
+    finally:
+        os.close(fd)
+
+
+def _allocate(
+    config: Config,
+    name: str,
+    gpus: int,
+    cpus: int | None,
+    server: str | None,
+    ttl: float | None,
+) -> dict[str, object]:
     _check_unique(config, name)
     if server == "auto":
         server = _pick_server(config, gpus, cpus)

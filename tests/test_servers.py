@@ -240,12 +240,6 @@ def test_a_job_inside_an_expired_reservation_keeps_its_gpus(gpurun):
     end_job(gpurun, job)
 
 
-@pytest.mark.xfail(
-    reason="status shows the GPUs of a job run inside a reservation as free once the "
-    "reservation expired and was reaped: _server_view only counts leases outside any "
-    "reservation as holders",
-    strict=True,
-)
 def test_status_shows_a_job_inside_an_expired_reservation_as_holding_its_gpus(gpurun):
     job = start_inside_expiring_reservation(gpurun)
     assert gpurun.run("gc").returncode == 0
@@ -590,13 +584,7 @@ def test_a_bad_inventory_exits_125_naming_the_file_and_the_key(gpurun, servers, 
     assert not gpurun.state_dir.exists()
 
 
-@pytest.mark.xfail(
-    reason="alloc checks that NAME is unused on every server before it takes the target "
-    "ledger's lock, and under the lock re-checks only the target's leases, so two hosts "
-    "can book the same name on two servers at once",
-    strict=True,
-)
-def test_a_name_booked_on_one_server_meanwhile_is_refused_on_another(gpurun):
+def test_a_name_booked_on_two_servers_at_once_is_granted_once(gpurun):
     configure(gpurun, "[{name: a, gpus: 2, cpus: 2}, {name: b, gpus: 2, cpus: 2}]")
     a = as_host(gpurun, "a")
     assert gpurun.run("gc", "--server", "b", env=a).returncode == 0
@@ -605,32 +593,32 @@ def test_a_name_booked_on_one_server_meanwhile_is_refused_on_another(gpurun):
     fcntl.flock(lock, fcntl.LOCK_EX)
     slow = gpurun.start("alloc", "dup", "-g", "1", "-c", "0", "--server", "b", env=a)
 
-    def waits_for_the_lock() -> bool:
-        assert slow.poll() is None, slow.communicate()
-        fds = f"/proc/{slow.pid}/fd"
+    def holds_open(process, path: str) -> bool:
+        fds = f"/proc/{process.pid}/fd"
         try:
-            return any(os.readlink(f"{fds}/{fd}") == lock_path for fd in os.listdir(fds))
+            return any(os.readlink(f"{fds}/{fd}") == path for fd in os.listdir(fds))
         except OSError:
             return False
 
     try:
-        # Past its check of every server's names, the alloc on b now waits for b's lock.
-        wait_for(waits_for_the_lock, what="the alloc on b to wait for b's lock")
-        quick = gpurun.run("alloc", "dup", "-g", "1", "-c", "0", "--server", "a", env=a)
+        # The alloc on b waits for b's lock, so it has not written its name anywhere yet.
+        wait_for(lambda: holds_open(slow, lock_path), what="the alloc on b to wait for b's lock")
+        quick = gpurun.start("alloc", "dup", "-g", "1", "-c", "0", "--server", "a", env=a)
+        names_lock = str(gpurun.state_dir / ".names.json.lock")
+        wait_for(
+            lambda: quick.poll() is not None or holds_open(quick, names_lock),
+            what="the alloc on a to end or wait for the names lock",
+        )
     finally:
         os.close(lock)
-    _, err = slow.communicate(timeout=20)
+    outcomes = [process.communicate(timeout=30) for process in (slow, quick)]
 
-    assert quick.returncode == 0, quick.stderr
-    assert slow.returncode == 125
-    assert "already named 'dup'" in one_error_line(err)
+    codes = sorted([slow.returncode, quick.returncode])
+    assert codes == [0, 125], outcomes
+    refused = outcomes[0][1] if slow.returncode else outcomes[1][1]
+    assert "already named 'dup'" in one_error_line(refused)
 
 
-@pytest.mark.xfail(
-    reason="split_command lets --config and -v come before the command name but not --server, "
-    "so 'gpurun --server b gc' runs a program named gc (exit 127) instead of gc as server b",
-    strict=True,
-)
 def test_server_before_the_command_name_is_taken_like_config(gpurun):
     configure(gpurun, "[{name: a, gpus: 2, cpus: 2}, {name: b, gpus: 2, cpus: 2}]")
     a = as_host(gpurun, "a")
