@@ -16,6 +16,7 @@ from gpurun.errors import (
     CommandError,
     GpurunError,
     Interrupted,
+    NotFoundError,
     UsageError,
 )
 
@@ -56,7 +57,7 @@ usage: gpurun [run] [-g N] [-c N] [--gpu-ids IDS] [-n NAME] [--no-wait] [--timeo
        gpurun doctor [--json]
 
 Reserve GPUs and CPUs on this server, run COMMAND pinned to them, free them when it ends.
-Every command takes --config PATH and -v. 'gpurun COMMAND --help' says more.
+Every command takes --config PATH, --server NAME and -v. 'gpurun COMMAND --help' says more.
 """
 
 
@@ -475,6 +476,9 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             )
         from gpurun.reservations import server_names
 
+        if args.server and args.server not in server_names(config):
+            known = ", ".join(server_names(config))
+            raise NotFoundError(f"no server named '{args.server}'; the servers are {known}")
         for name in server_names(config) if args.all else [args.server]:
             result = jobs.reset_ledger(config, force=args.force, server=name)
             moved = result["moved_to"]

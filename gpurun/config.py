@@ -143,7 +143,7 @@ def build_config(
 
     per_gpu = raw.get("cpus_per_gpu", "auto")
     if per_gpu == "auto":
-        per_gpu = len(cpus) // len(gpus) if gpus else 0
+        per_gpu = max(1, len(cpus) // len(gpus)) if gpus and cpus else 0
     elif not _is_int(per_gpu) or per_gpu < 0:
         raise fail("cpus_per_gpu", f"must be 'auto' or a whole number >= 0, not {_yaml(per_gpu)}")
 
@@ -378,7 +378,11 @@ def _read_yaml(path: str) -> tuple[dict[str, object], dict[str, int]]:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(path, f"cannot read the config file: {reason}") from None
+        raise ConfigError(
+            path,
+            f"cannot read the config file: {reason}; check the path given by --config or "
+            "$GPURUN_CONFIG",
+        ) from None
 
     loader = Loader(text)
     try:

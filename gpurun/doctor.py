@@ -133,6 +133,7 @@ def diagnose(
     if not config.servers:
         _ledger_state(config, config.server, now, problems)
     _check_cpus(config, problems)
+    _check_orphaned(config, problems)
     if not config.gpus:
         notes.append(
             "this host has no GPUs: none are listed in the config, or 'gpus: auto' found "
@@ -305,6 +306,24 @@ def _check_cpus(config: Config, problems: list[str]) -> None:
             f"have (it may use {format_cpulist(sorted(usable))}); jobs are pinned only to the "
             "ones it has"
         )
+
+
+def _check_orphaned(config: Config, problems: list[str]) -> None:
+    """Leases on GPUs or CPUs the config no longer lists, as `status` shows them."""
+    from gpurun.jobs import server_status
+
+    try:
+        servers = server_status(config)["servers"]
+    except LedgerError:
+        return
+    for server in servers:
+        for lease in server["leases"]:
+            if lease["orphaned"]:
+                problems.append(
+                    f"server {server['name']}: lease {lease['id']} ({lease['name']}) holds "
+                    "GPUs or CPUs the config no longer lists; they are never handed out "
+                    "again, and go when it ends ('gpurun release' for a reservation)"
+                )
 
 
 def doctor_text(report: dict[str, object]) -> str:

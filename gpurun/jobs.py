@@ -424,16 +424,26 @@ def reset_ledger(
         except LedgerError:
             state = None
         now = time.time()
-        live = set(ledger.live_job_locks())
+        unlisted = set(ledger.live_job_locks())
+        listed: set[int] = set()
         if state is not None:
-            live.update(lease.id for lease in state.leases if ledger.alive(lease, now))
+            listed = {lease.id for lease in state.leases if ledger.alive(lease, now)}
             next_id = state.next_id
+        unlisted -= listed
+        live = listed | unlisted
         if live and not force:
-            ids = ", ".join(map(str, sorted(live)))
+            if listed or state is None:
+                ids = ", ".join(map(str, sorted(live)))
+                what = f"live jobs or reservations still hold leases on {ledger.server} ({ids})"
+            else:
+                ids = ", ".join(map(str, sorted(unlisted)))
+                what = (
+                    f"jobs {ids} still run on {ledger.server} outside the ledger (an earlier "
+                    "forced reset forgot them)"
+                )
             raise GpurunError(
-                f"live jobs or reservations still hold leases on {ledger.server} ({ids}); end "
-                "them first, or use 'gpurun reset --force' to forget them (their GPUs may then "
-                "be given out twice)"
+                f"{what}; end them first, or use 'gpurun reset --force' to forget them (their "
+                "GPUs may then be given out twice)"
             )
         next_id = max(next_id, ledger.last_history_id() + 1, max(live, default=0) + 1)
         # The new ledger is written first, so a full disk leaves the old one in place.

@@ -27,7 +27,7 @@ from gpurun.errors import (
     NotFoundError,
     RefusedError,
 )
-from gpurun.ledger import Holder, Lease, Ledger, State, Watcher
+from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, finished_record
 from gpurun.log import get_logger
 from gpurun.placement import Request, check_limits, check_possible
 
@@ -84,7 +84,12 @@ def resolve_command(name: str) -> str:
         if os.path.exists(candidate):
             denied = denied or candidate
     if denied is not None:
-        raise CommandError(name, "permission denied (not an executable file)", 126)
+        raise CommandError(
+            name,
+            "permission denied (not an executable file); make it executable (chmod +x) or run "
+            "it with its interpreter",
+            126,
+        )
     raise CommandError(name, "command not found; check the name and PATH", 127)
 
 
@@ -191,8 +196,8 @@ def reserve(
                     )
                 dependencies = _Dependencies(ledger, state)
                 if entry.state == "waiting" and dependencies(entry) == FAILED:
-                    state.remove(entry.id)
                     cancelled = dependencies.reason(entry)
+                    state.finish(entry.id, ledger.server, "cancelled", None, cancelled)
                 else:
                     place_admitted(state, config, now, dependencies)
                     entry = state.find(entry.id)
@@ -210,10 +215,6 @@ def reserve(
                 on_queued(entry)
                 on_queued = None
             if cancelled is not None:
-                record = finished_record(
-                    entry, ledger.server, time.time(), None, "cancelled", cancelled
-                )
-                ledger.append_history([record])
                 raise DependencyFailed(f"job {entry.id} was cancelled: {cancelled}")
             if entry.state == "running":
                 log.info(
@@ -234,11 +235,11 @@ def reserve(
             if watcher is None:
                 watcher = Watcher(ledger.state_dir)
             watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
-    except BaseException:
+    except BaseException as exc:
         progress.clear()
         signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
         if entry is not None:
-            _withdraw(ledger, entry, lock_fd)
+            _withdraw(ledger, entry, lock_fd, exc)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
         raise
     finally:
@@ -257,19 +258,24 @@ def run_reserved(
     """
     pending = signal.sigpending() & set(supervise.ENDING)
     if pending:
-        _withdraw(ledger, lease, lock_fd)
-        raise Interrupted(min(pending))
+        interrupted = Interrupted(min(pending))
+        _withdraw(ledger, lease, lock_fd, interrupted)
+        raise interrupted
     try:
         pid = supervise.spawn(executable, argv, job_env(lease), lease.cpus)
     except OSError as exc:
-        _withdraw(ledger, lease, lock_fd)
+        failure: GpurunError
         if isinstance(exc, PermissionError) or exc.errno == 8:
-            raise CommandError(lease.command[0], f"cannot run it ({exc.strerror})", 126) from None
-        if isinstance(exc, FileNotFoundError):
-            raise CommandError(lease.command[0], "command not found", 127) from None
-        raise GpurunError(
-            f"cannot start {lease.command[0]} on CPUs {format_cpulist(lease.cpus)}: {exc.strerror}"
-        ) from None
+            failure = CommandError(lease.command[0], f"cannot run it ({exc.strerror})", 126)
+        elif isinstance(exc, FileNotFoundError):
+            failure = CommandError(lease.command[0], "command not found", 127)
+        else:
+            failure = GpurunError(
+                f"cannot start {lease.command[0]} on CPUs {format_cpulist(lease.cpus)}: "
+                f"{exc.strerror}"
+            )
+        _withdraw(ledger, lease, lock_fd, failure)
+        raise failure from None
     started = time.time()
     log.info("job %d started: pid %d, %s", lease.id, pid, " ".join(lease.command))
     lease = _record_command(ledger, lease, pid, started)
@@ -311,28 +317,25 @@ def place_admitted(state: State, config: Config, now: float, dependencies: objec
 
 
 def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
-    """Drop the dead leases from `state` (under the lock) and return them."""
+    """Drop the dead leases from `state` (under the lock), record them, and return them.
+
+    A lease already in history (its holder crashed after recording its end, before the
+    ledger write) is dropped without a second record.
+    """
     dead = [lease for lease in state.leases if not ledger.alive(lease, now)]
+    recorded = ledger.finished_jobs({lease.id for lease in dead}) if dead else {}
     for lease in dead:
-        state.remove(lease.id)
+        if lease.id in recorded:
+            state.remove(lease.id)
+        else:
+            ending = "expired" if lease.kind == "reservation" else "dead"
+            state.finish(lease.id, ledger.server, ending)
         log.info("reaped dead lease %d (%s)", lease.id, lease.name)
     return dead
 
 
 def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
-    """After the reaping transaction: record the dead jobs in history, remove their locks."""
-    ledger.append_history(
-        [
-            finished_record(
-                lease,
-                ledger.server,
-                now,
-                None,
-                "expired" if lease.kind == "reservation" else "dead",
-            )
-            for lease in dead
-        ]
-    )
+    """After the reaping transaction: remove the dead jobs' locks."""
     for lease in dead:
         _unlink(ledger.job_lock_path(lease.id))
 
@@ -383,36 +386,14 @@ def job_env(lease: Lease) -> dict[str, str]:
     return env
 
 
-def finished_record(
-    lease: Lease,
-    server: str,
-    ended: float,
-    code: int | None,
-    state: str,
-    reason: str | None = None,
-) -> dict[str, object]:
-    """The history line for a job that ended: `state` is exited, dead, cancelled, withdrawn
-    or expired, and `code` None unless it exited."""
-    record = lease.to_json()
-    del record["holders"], record["boot"]
-    command = [h.pid for h in lease.holders if h.role == "command"]
-    gpurun = [h.pid for h in lease.holders if h.role == "gpurun"]
-    record.update(
-        server=server,
-        state=state,
-        exit_code=code,
-        ended=ended,
-        pid=(command or gpurun or [None])[0],
-        duration=None if lease.started is None else round(ended - lease.started, 3),
-    )
-    if reason:
-        record["reason"] = reason
-    return record
-
-
 def run_hook(command: str, record: dict[str, object]) -> None:
-    """Start `on_finish` with the job's record as JSON on stdin; never wait for it."""
+    """Start `on_finish` with the job's record (as `ps -a --json` shows it) as JSON on stdin;
+    never wait for it."""
     import json
+
+    from gpurun.jobs import history_view
+
+    record = history_view(record)
 
     read_end, write_end = os.pipe()
     data = json.dumps(record).encode() + b"\n"
@@ -503,13 +484,13 @@ class _Dependencies:
                 self.finished.update(self.ledger.finished_jobs({dep}))
                 record = self.finished.get(dep)
             if record is None:
-                return f"job {dep} it runs after is unknown"
+                return f"job {dep}, which it runs after, is unknown"
             if lease.after_any:
                 continue
             if record.get("exit_code") != 0:
                 how = record.get("exit_code")
-                outcome = f"exit {how}" if how is not None else str(record.get("state"))
-                return f"job {dep} it runs after failed ({outcome})"
+                outcome = f"exit {how}" if how is not None else f"it {record.get('state')}"
+                return f"job {dep}, which it runs after, failed: {outcome}"
         return None
 
 
@@ -589,9 +570,13 @@ def _release(
 ) -> dict[str, object]:
     """Remove the lease, place the jobs that can start now, append the job to history and
     drop the job lock; return the history record."""
+    record = finished_record(lease, ledger.server, time.time(), code, "exited")
     try:
         with ledger.transaction() as state:
+            # Recorded even if a forced reset dropped the lease: the job did run and end.
             state.remove(lease.id)
+            state.finished.append(record)
+            state.changed = True
             place_admitted(state, config, time.time(), _Dependencies(ledger, state))
     except LedgerError as exc:
         log.warning(
@@ -600,20 +585,19 @@ def _release(
             exc,
         )
     log.info("job %d ended with %d; its lease is freed", lease.id, code)
-    record = finished_record(lease, ledger.server, time.time(), code, "exited")
-    ledger.append_history([record])
     os.close(lock_fd)
     _unlink(ledger.job_lock_path(lease.id))
     return record
 
 
-def _withdraw(ledger: Ledger, entry: Lease, lock_fd: int) -> None:
-    """Take a lease that never ran out of the ledger; nothing goes to history. Its id is not
-    given back: a detached job's id was printed, and `gpurun wait` must never find another
-    job under it."""
+def _withdraw(ledger: Ledger, entry: Lease, lock_fd: int, why: BaseException) -> None:
+    """Take a lease that never ran out of the ledger and record it in history as withdrawn,
+    with the exit code gpurun gives for `why` and the reason. Its id is not given back: a
+    detached job's id was printed, and `gpurun wait` must never find another job under it."""
+    code, reason = _withdrawn(why)
     try:
         with ledger.transaction() as state:
-            state.remove(entry.id)
+            state.finish(entry.id, ledger.server, "withdrawn", code, reason)
     except LedgerError as exc:
         log.warning(
             "could not remove job %d from the ledger (%s); it is dead and will be reaped",
@@ -623,6 +607,19 @@ def _withdraw(ledger: Ledger, entry: Lease, lock_fd: int) -> None:
     if lock_fd >= 0:
         os.close(lock_fd)
     _unlink(ledger.job_lock_path(entry.id))
+
+
+def _withdrawn(why: BaseException) -> tuple[int, str]:
+    """The exit code gpurun gives for a job that left the queue this way, and the reason."""
+    if isinstance(why, Interrupted):
+        return 128 + why.signum, f"interrupted by signal {why.signum} before it started"
+    if isinstance(why, KeyboardInterrupt):
+        return 130, "interrupted (Ctrl-C) before it started"
+    if isinstance(why, BusyError):
+        return 75, "gave up waiting (--timeout)"
+    if isinstance(why, CommandError):
+        return why.exit_code, str(why)
+    return 125, f"left the queue: {why}"[:200]
 
 
 def _new_job(ledger: Ledger, state: State) -> tuple[int, int]:

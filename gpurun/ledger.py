@@ -173,10 +173,11 @@ class State:
     """The ledger's content while a transaction holds the lock; `changed` marks it for writing.
 
     heartbeat: when the server's own host last wrote it (0 if never); boot: that host's boot
-    id; inventory: {"gpus": [...], "cpus": [...]} as that host last saw them, or None.
+    id; inventory: {"gpus": [...], "cpus": [...]} as that host last saw them, or None;
+    finished: history records of leases this transaction ended (see `finish`).
     """
 
-    __slots__ = ("boot", "changed", "heartbeat", "inventory", "leases", "next_id")
+    __slots__ = ("boot", "changed", "finished", "heartbeat", "inventory", "leases", "next_id")
 
     def __init__(
         self,
@@ -192,6 +193,7 @@ class State:
         self.boot = boot
         self.inventory = inventory
         self.changed = False
+        self.finished: list[dict[str, object]] = []
 
     def add(self, lease: Lease) -> None:
         self.leases.append(lease)
@@ -209,6 +211,27 @@ class State:
                 return old
         return None
 
+    def finish(
+        self,
+        lease_id: int,
+        server: str,
+        ending: str,
+        code: int | None = None,
+        reason: str | None = None,
+    ) -> Lease | None:
+        """Remove a lease and record how it ended (see `finished_record`); return it, or None
+        if it was not there.
+
+        The transaction appends the records to history before it writes the ledger, so a
+        reader who finds a job gone from the ledger always finds it in history. A crash
+        between the two leaves the lease listed; whoever reaps it later finds it in history
+        already and does not record it twice.
+        """
+        lease = self.remove(lease_id)
+        if lease is not None:
+            self.finished.append(finished_record(lease, server, time.time(), code, ending, reason))
+        return lease
+
     def take_id(self) -> int:
         lease_id = self.next_id
         self.next_id += 1
@@ -220,6 +243,33 @@ class State:
             if lease.id == lease_id:
                 return lease
         return None
+
+
+def finished_record(
+    lease: Lease,
+    server: str,
+    ended: float,
+    code: int | None,
+    state: str,
+    reason: str | None = None,
+) -> dict[str, object]:
+    """The history line for a lease that ended: `state` is exited, dead, cancelled,
+    withdrawn, expired or released; `code` is what gpurun exited with for it, or None."""
+    record = lease.to_json()
+    del record["holders"], record["boot"]
+    command = [h.pid for h in lease.holders if h.role == "command"]
+    gpurun = [h.pid for h in lease.holders if h.role == "gpurun"]
+    record.update(
+        server=server,
+        state=state,
+        exit_code=code,
+        ended=ended,
+        pid=(command or gpurun or [None])[0],
+        duration=None if lease.started is None else round(ended - lease.started, 3),
+    )
+    if reason:
+        record["reason"] = reason
+    return record
 
 
 class Ledger:
@@ -300,7 +350,11 @@ class Ledger:
         except FileNotFoundError:
             return State([], 1, 0.0)
         except OSError as exc:
-            raise LedgerError(self.path, f"cannot read the ledger: {exc.strerror}") from None
+            raise LedgerError(
+                self.path,
+                f"cannot read the ledger: {exc.strerror}; check that state_dir "
+                f"({self.state_dir}) is a folder every user may read and write",
+            ) from None
         return self._parse(data)
 
     def _parse(self, data: bytes) -> State:
@@ -723,6 +777,7 @@ class Transaction:
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         try:
             if kind is None and self.state is not None and self.state.changed:
+                self.ledger.append_history(self.state.finished)
                 self.ledger.write(self.state)
         finally:
             os.close(self.fd)

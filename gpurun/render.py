@@ -62,6 +62,13 @@ def _state(job: dict[str, object]) -> str:
     return str(job.get("state"))
 
 
+def _command(job: dict[str, object]) -> str:
+    text = " ".join(job.get("command") or []) or f"({job.get('kind')})"
+    if job.get("reason"):
+        text += f"  ({job['reason']})"
+    return text
+
+
 def jobs_table(jobs: list[dict[str, object]]) -> str:
     headers = ["ID", "NAME", "USER", "PID", "GPUS", "CPUS", "STATE", "ELAPSED", "COMMAND"]
     rows = [
@@ -74,7 +81,7 @@ def jobs_table(jobs: list[dict[str, object]]) -> str:
             _cpus(j["cpus"]),
             _state(j),
             duration(j.get("elapsed")),
-            " ".join(j.get("command") or []) or f"({j.get('kind')})",
+            _command(j),
         ]
         for j in jobs
     ]
@@ -178,12 +185,8 @@ def _server_detail(server: dict[str, object]) -> str:
 
 
 def reservation_text(booked: dict[str, object]) -> str:
-    expires = booked.get("expires")
-    until = "until 'gpurun release'"
-    if expires is not None:
-        import time
-
-        until = f"for {duration(expires - time.time())}"
+    left = booked.get("expires_in")
+    until = "until 'gpurun release'" if left is None else f"for {duration(left)}"
     return (
         f"gpurun: reservation {booked['id']} '{booked['name']}' on server {booked['server']}: "
         f"GPUs {_ids(booked['gpus'])}, CPUs {_cpus(booked['cpus'])}, {until}; run in it with "

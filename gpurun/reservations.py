@@ -142,6 +142,8 @@ def _allocate(
 
 
 def reservation_view(lease: Lease, server: str) -> dict[str, object]:
+    from gpurun.jobs import iso_time
+
     gpus = ",".join(map(str, lease.gpus))
     env = {
         "CUDA_VISIBLE_DEVICES": gpus,
@@ -159,15 +161,14 @@ def reservation_view(lease: Lease, server: str) -> dict[str, object]:
         "user": lease.user,
         "gpus": list(lease.gpus),
         "cpus": list(lease.cpus),
-        "expires": lease.expires,
+        "expires": iso_time(lease.expires),
+        "expires_in": None if lease.expires is None else round(lease.expires - time.time(), 3),
         "env": env,
     }
 
 
 def release(config: Config, ref: str, server: str | None = None) -> dict[str, object]:
     """End a reservation (owner or root); refuse while jobs run inside it."""
-    from gpurun.launch import finished_record
-
     ledger, lease = find_reservation(config, ref, server)
     with ledger.transaction() as state:
         now = time.time()
@@ -186,8 +187,7 @@ def release(config: Config, ref: str, server: str | None = None) -> dict[str, ob
                 f"reservation '{current.name}' still runs job {ids}; end it first "
                 f"('gpurun kill {inside[0]}')"
             )
-        state.remove(current.id)
-    ledger.append_history([finished_record(current, ledger.server, now, None, "released")])
+        state.finish(current.id, ledger.server, "released")
     return reservation_view(current, ledger.server)
 
 
@@ -255,9 +255,12 @@ def run_inside(config: Config, spec: Spec, executable: str, argv: list[str]) -> 
 
         signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
         ids = ", ".join(str(lease.id) for lease in inside)
+        free_gpus = len(current.gpus) - len(held_gpus)
+        free_cpus = len(current.cpus) - len(held_cpus)
         raise BusyError(
-            f"reservation '{current.name}' has too little left: job {ids} runs inside it; "
-            "ask for a part of it with -g and -c"
+            f"reservation '{current.name}' has too little left: job {ids} runs inside it, "
+            f"leaving {_plural(free_gpus, 'GPU')} and {_plural(free_cpus, 'CPU')}; ask for "
+            "at most that with -g and -c (-c 0 for no CPUs)"
         )
     return run_reserved(ledger, config, entry, lock_fd, executable, argv)
 
@@ -361,7 +364,8 @@ def _busy(
     held_cpus = {c for lease in state.leases for c in lease.cpus if c in cpus}
     waiting = sum(1 for lease in state.leases if lease.state == "waiting")
     text = (
-        f"server {server} cannot reserve {request.gpus} GPUs and {request.cpus} CPUs now: "
+        f"server {server} cannot reserve {_plural(request.gpus, 'GPU')} and "
+        f"{_plural(request.cpus, 'CPU')} now: "
         f"{len(held_gpus)} of {len(gpus)} GPUs and {len(held_cpus)} of {len(cpus)} CPUs are held"
     )
     if waiting:
@@ -401,6 +405,10 @@ def _pick_server(config: Config, gpus: int, cpus: int | None) -> str:
             f"no server can reserve {gpus} GPUs now ({'; '.join(reasons)[:300]}); try later"
         )
     return best[2]
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _check_owner(lease: Lease, action: str) -> None:

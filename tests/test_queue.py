@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -178,6 +179,8 @@ def test_after_runs_a_chain_in_order_and_a_failure_cancels(gpurun):
     [record] = [j for j in gpurun.ps("-a") if j["id"] == int(cancelled)]
     assert record["state"] == "cancelled"
     assert f"job {failing}" in record["reason"] and "exit 4" in record["reason"]
+    [row] = [line for line in gpurun.run("ps", "-a").stdout.splitlines() if "never" in line]
+    assert row.split()[:1] == [cancelled] and record["reason"] in row
     assert gpurun.run("-d", "--after", "9999", "--", "true").returncode == 125
 
 
@@ -281,3 +284,64 @@ def test_on_finish_gets_the_record_and_does_not_hold_the_lease(gpurun):
     assert gpurun.ledger()["leases"] == []
     record = json.loads(wait_json(out) and out.read_text())
     assert record["name"] == "hooked" and record["exit_code"] == 5 and record["gpus"] == [0, 1]
+
+
+def test_jobs_that_leave_the_queue_are_recorded_as_withdrawn(gpurun):
+    go = gpurun.tmp / "go"
+    a = gpurun.start("-g", "4", "-c", "0", "--", *gpurun.probe("a", "--wait-for", str(go)))
+    wait_json(gpurun.tmp / "a.start")
+    interrupted = start_and_queue(gpurun, "-g", "1", "-c", "0", "--", "true")
+    detached = gpurun.run("-g", "1", "-c", "0", "-d", "--", "true").stdout.strip()
+    interrupted.send_signal(signal.SIGINT)
+    timed_out = gpurun.run("-g", "1", "-c", "0", "--timeout", "0.2", "--", "true")
+    killed = gpurun.run("kill", detached)
+
+    waited = gpurun.run("wait", detached)
+    go.touch()
+    assert a.wait(timeout=20) == 0
+    finished = {job["id"]: job for job in gpurun.ps("-a") if job["state"] != "exited"}
+
+    assert interrupted.wait(timeout=10) == 130
+    assert timed_out.returncode == 75
+    assert killed.returncode == 0, killed.stderr
+    assert waited.returncode == 143, waited.stderr
+    outcomes = sorted((job["exit_code"], job["state"]) for job in finished.values())
+    assert outcomes == [(75, "withdrawn"), (130, "withdrawn"), (143, "withdrawn")]
+    assert "--timeout" in next(j["reason"] for j in finished.values() if j["exit_code"] == 75)
+    assert finished[int(detached)]["reason"] == "interrupted by signal 15 before it started"
+
+
+def test_a_job_is_in_history_before_it_leaves_the_ledger(gpurun):
+    """`gpurun wait` and `ps -a` read the ledger, then history: a job gone from one must be
+    in the other, so the history line is written before the ledger that drops the job."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    gpurun.state_dir.mkdir()
+    watch = libc.inotify_init1(os.O_NONBLOCK)
+    in_modify, in_moved_to = 0x2, 0x80
+    assert libc.inotify_add_watch(watch, bytes(gpurun.state_dir), in_modify | in_moved_to) >= 0
+    try:
+        assert gpurun.run("-g", "1", "-c", "0", "--", "true").returncode == 0
+        data = os.read(watch, 65536)
+    finally:
+        os.close(watch)
+
+    events = []
+    while data:
+        mask, _, length = struct.unpack_from("iIII", data)[1:4]
+        name = data[16 : 16 + length].rstrip(b"\0").decode()
+        events.append((name, mask))
+        data = data[16 + length :]
+    history = [
+        i
+        for i, (name, mask) in enumerate(events)
+        if name.endswith(".history.jsonl") and mask & in_modify
+    ]
+    ledgers = [
+        i for i, (name, mask) in enumerate(events) if name.endswith(".json") and mask & in_moved_to
+    ]
+
+    assert len(history) == 1 and len(ledgers) >= 2, events
+    # The last ledger write is the one that frees the job; history comes just before it.
+    assert ledgers[-2] < history[0] < ledgers[-1], events

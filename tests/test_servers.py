@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from datetime import datetime
 
 import pytest
 from conftest import wait_for, wait_json
@@ -202,9 +203,11 @@ def test_a_reservation_expires_after_its_ttl(gpurun):
     expired_at = time.time()
     server = gpurun.status()
 
-    assert before + 1 <= booked["expires"] <= time.time() + 1
+    expires = datetime.fromisoformat(booked["expires"]).timestamp()
+    assert before <= expires <= time.time() + 1
+    assert 0 < booked["expires_in"] <= 1
     assert blocked.returncode == 75
-    assert expired_at >= booked["expires"]
+    assert expired_at + 1 >= expires
     assert not any(gpu["state"] == "held" for gpu in server["gpus"])
     after = alloc(gpurun, gpurun.env, "next", "-g", "4", "-c", "0")
     assert after["gpus"] == [0, 1, 2, 3]
@@ -262,6 +265,7 @@ def test_a_gpu_removed_from_the_config_under_a_lease_is_orphaned_and_never_hande
     gpurun.write_config("gpus: 3\ncpus: auto\nkill_grace: 1\nlock_timeout: 10\n")
 
     orphaned = gpurun.status()
+    doctor = gpurun.run("doctor")
     three = gpurun.start("-g", "3", "-c", "0", "--", *gpurun.probe("three", "--wait-for", str(go)))
     given = wait_json(gpurun.tmp / "three.start")
     one_more = gpurun.run("-g", "1", "-c", "0", "--no-wait", "--", "true")
@@ -270,6 +274,8 @@ def test_a_gpu_removed_from_the_config_under_a_lease_is_orphaned_and_never_hande
     assert orphaned["gpus_total"] == 3 and orphaned["gpus_free"] == [0, 1, 2]
     assert orphaned["gpus"][3]["id"] == 3 and orphaned["gpus"][3]["state"] == "orphaned"
     assert [lease["orphaned"] for lease in orphaned["leases"]] == [True]
+    assert doctor.returncode == 1
+    assert "no longer lists" in doctor.stdout
     assert given["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert one_more.returncode == 75
     go.touch()
@@ -279,6 +285,16 @@ def test_a_gpu_removed_from_the_config_under_a_lease_is_orphaned_and_never_hande
     assert cleaned["state"] == "ok"
     assert [gpu["id"] for gpu in cleaned["gpus"]] == [0, 1, 2]
     assert cleaned["gpus_free"] == [0, 1, 2] and cleaned["leases"] == []
+
+
+def test_reset_of_a_server_not_in_the_inventory_is_refused(gpurun):
+    configure(gpurun, "[{name: a, gpus: 2, cpus: 2}]")
+
+    result = gpurun.run("reset", "--yes", "--server", "nosuch", env=as_host(gpurun, "a"))
+
+    assert result.returncode == 125
+    assert "no server named 'nosuch'" in one_error_line(result.stderr)
+    assert not (gpurun.state_dir / "nosuch.json").exists()
 
 
 def test_a_server_whose_heartbeat_is_older_than_stale_after_is_stale(gpurun):

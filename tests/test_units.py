@@ -76,11 +76,15 @@ def test_defaults_without_a_file(monkeypatch, tmp_path):
     assert list(config.cpus) == sorted(__import__("os").sched_getaffinity(0))
 
 
-def test_cpus_per_gpu_auto_rounds_down():
+def test_cpus_per_gpu_auto_rounds_down_but_gives_at_least_one():
     cpus = online_cpus()
-    config = build_config({"gpus": 3, "cpus": len(cpus)}, "x.yaml")
+    three = build_config({"gpus": 3, "cpus": len(cpus)}, "x.yaml")
+    many = build_config({"gpus": len(cpus) + 1, "cpus": len(cpus)}, "x.yaml")
+    none = build_config({"gpus": 0, "cpus": len(cpus)}, "x.yaml")
 
-    assert config.cpus_per_gpu == len(cpus) // 3
+    assert three.cpus_per_gpu == max(1, len(cpus) // 3)
+    assert many.cpus_per_gpu == 1
+    assert none.cpus_per_gpu == 0
 
 
 @pytest.mark.parametrize(
