@@ -163,7 +163,7 @@ def _discover_smi(command: list[str], processes: bool) -> Discovery:
     found = []
     if processes and gpus:
         apps = _run(command, f"--query-compute-apps={APPS_QUERY}", "--format=csv,noheader,nounits")
-        found = parse_apps(apps, gpus)
+        found = parse_apps(apps, whole, gpus)
     links: dict[tuple[int, int], int] = {}
     if len(whole) > 1:
         try:
@@ -206,25 +206,22 @@ def parse_mig_list(text: str, whole: list[Gpu]) -> dict[int, list[Gpu]]:
     return slices
 
 
-def parse_apps(text: str, gpus: list[Gpu]) -> list[Process]:
-    """Compute processes from `--query-compute-apps=gpu_uuid,pid,used_memory,process_name`;
-    a process on a MIG GPU is reported with the GPU's UUID, so it counts on its first slice
-    (the slice is not in the output)."""
-    by_uuid: dict[str, int] = {}
-    for gpu in gpus:
-        by_uuid.setdefault(gpu.uuid, gpu.id)
-    parents = {gpu.parent: gpu.id for gpu in gpus if gpu.parent is not None}
+def parse_apps(text: str, whole: list[Gpu], gpus: list[Gpu]) -> list[Process]:
+    """Compute processes from `--query-compute-apps=gpu_uuid,pid,used_memory,process_name`.
+
+    A process on a GPU with MIG on is reported with the GPU's UUID, not its slice's, so it is
+    kept under the GPU's index, which is no id of the inventory: it is shown, but blocks no
+    slice."""
+    by_uuid = {gpu.uuid: gpu.index for gpu in whole}
+    by_uuid.update({gpu.uuid: gpu.id for gpu in gpus})
     found = []
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",", 3)]
         if len(fields) < 2 or not fields[1].isdigit():
             continue
-        uuid = fields[0]
-        gpu_id = by_uuid.get(uuid)
+        gpu_id = by_uuid.get(fields[0])
         if gpu_id is None:
             continue
-        if gpu_id in parents:
-            gpu_id = parents[gpu_id]
         used = _mb(fields[2]) if len(fields) > 2 else -1
         found.append(Process(gpu_id, int(fields[1]), used, fields[3] if len(fields) > 3 else ""))
     return found
@@ -347,8 +344,7 @@ def _ask_nvml(nvml: object, processes: bool) -> Discovery:
         if processes:
             for app in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 used = app.usedGpuMemory
-                target = slices[index][0].id if slices.get(index) else index
-                found.append(Process(target, app.pid, -1 if used is None else used // 2**20, ""))
+                found.append(Process(index, app.pid, -1 if used is None else used // 2**20, ""))
     links: dict[tuple[int, int], int] = {}
     for a in handles:
         for b in handles:
