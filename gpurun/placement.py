@@ -142,7 +142,11 @@ def _cost(group: tuple[int, ...], free: list[int], topology: Topology) -> tuple:
     left_in_nodes = sum(1 for g in rest if node.get(g, -1) in nodes)
     orphaned = 0
     for g in group:
-        closest = min((_link(topology, g, other) for other in free if other != g), default=None)
+        # Its closest partner of all (from the reported links), so that taking a GPU whose
+        # partner is already busy counts as breaking nothing.
+        known = [d for (a, _), d in topology.gpu_links.items() if a == g]
+        others = (_link(topology, g, other) for other in free if other != g)
+        closest = min(known) if known else min(others, default=None)
         if closest is not None:
             orphaned += sum(1 for other in rest if _link(topology, g, other) == closest)
     mig = sum(1 for g in group if _is_mig(g))
