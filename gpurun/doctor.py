@@ -375,11 +375,6 @@ def gpu_report(config: Config, problems: list[str], notes: list[str]) -> dict[st
             f"inside gpurun job {config.parent_job}: its GPUs and CPUs are this gpurun's whole "
             "server, in a ledger private to the job"
         )
-    if topology is None and config.gpus:
-        notes.append(
-            "no topology read (GPUs declared without bus ids): placement takes the lowest free "
-            "ids; use gpus: auto or set sysfs_root for NUMA-aware placement"
-        )
     return {"discovery": source, "devices": devices, "topology": topo}
 
 
@@ -405,13 +400,13 @@ def _check_cpus(config: Config, problems: list[str]) -> None:
 def _found_by(report: dict[str, object]) -> str:
     found = report["discovery"]
     if found["source"] == "config":
-        return "declared in the config"
+        return ""
     if found["source"] == "none":
-        return f"gpus: auto found none: {found['problem']}"
-    how = f"asked {found['source']}"
+        return f" (gpus: auto found none: {found['problem']})"
+    how = f" (asked {found['source']}"
     if found.get("command"):
-        how += f" ({found['command']})"
-    return how
+        how += f": {found['command']}"
+    return how + ")"
 
 
 def _topology_line(topology: dict[str, object]) -> str:
@@ -453,7 +448,7 @@ def doctor_text(report: dict[str, object]) -> str:
     lines = [
         f"config: {report['config'] or 'none (built-in defaults)'}",
         f"server: {report['server']} ({report['chosen_by']})",
-        f"GPUs: {','.join(map(str, report['gpus'])) or 'none'} ({_found_by(report)})",
+        f"GPUs: {','.join(map(str, report['gpus'])) or 'none'}{_found_by(report)}",
         f"CPUs: {report['cpus'] or 'none'}",
         f"topology: {_topology_line(report['topology'])}",
         f"limits: {limits or 'none'}",

@@ -366,7 +366,7 @@ def test_doctor_explains_the_8gpu_tree(gpurun):
     result = gpurun.run("doctor")
 
     assert result.returncode == 0, result.stdout
-    assert "GPUs: 0,1,2,3,4,5,6,7 (asked nvidia-smi" in result.stdout
+    assert "GPUs: 0,1,2,3,4,5,6,7 (asked nvidia-smi: " in result.stdout
     assert "2 NUMA node(s) (node 0: CPUs 0-15,32-47; node 1: CPUs 16-31,48-63)" in result.stdout
     assert "2 thread(s) per core, GPU links known" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("7 "))
