@@ -408,3 +408,28 @@ def gpurun_path() -> str:
     from conftest import GPURUN
 
     return GPURUN
+
+
+def test_status_shows_a_job_using_a_gpu_outside_its_lease_as_a_violation(gpurun):
+    recordings = _recordings(gpurun, "ws4")
+    gpurun.use_machine("ws4", recordings=recordings)
+    release = gpurun.tmp / "release"
+    job = gpurun.start("--gpu-ids", "0", "--", *gpurun.probe("a", "--wait-for", str(release)))
+    pid = wait_json(gpurun.tmp / "a.start")["pid"]
+    (recordings / "compute-apps.csv").write_text(
+        f"GPU-3f0b9a52-77c1-11ee-a001-000000000000, {pid}, 900, python\n"
+        f"GPU-3f0b9a52-77c1-11ee-a001-000000000001, {pid}, 700, python\n"
+    )
+
+    status = gpurun.status()
+    detail = gpurun.run("status", "--detail")
+    job_id = gpurun.ps()[0]["id"]
+    release.touch()
+
+    rows = {row["id"]: row for row in status["gpus"]}
+    assert rows[0]["state"] == "held" and rows[0]["violation"] is None
+    assert rows[0]["external"] is None
+    assert rows[1]["violation"] == {"job": job_id, "user": rows[0]["user"], "pid": pid}
+    assert rows[1]["state"] == "external" and 1 not in status["gpus_free"]
+    assert f"violation job {job_id} pid {pid}" in detail.stdout
+    assert job.wait(timeout=30) == 0
