@@ -22,6 +22,10 @@ from collections.abc import Callable
 from gpurun.ledger import Lease
 from gpurun.placement import place
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gpurun.topology import Topology
+
 READY = "ready"
 BLOCKED = "blocked"
 FAILED = "failed"
@@ -41,17 +45,22 @@ def admit(
     cpus: tuple[int, ...],
     now: float,
     dependencies: Callable[[Lease], str],
+    topology: Topology | None = None,
+    unavailable: frozenset[int] = frozenset(),
 ) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Return {lease id: (gpus, cpus)} for every waiting lease that may start now.
 
     `dependencies(lease)` says whether its --after jobs let it start (READY), not yet
     (BLOCKED) or never (FAILED); only READY ones are considered, and the others hold nothing
-    back, since they could not start anyway.
+    back, since they could not start anyway. `topology` guides where each goes (see
+    placement.place); `unavailable` GPUs, busy outside gpurun, are given to no one and count
+    as held for as long as that lasts. A lease with a gpu_mask is placed only on those GPUs.
     """
     running = [lease for lease in leases if lease.state == "running"]
     held_gpus = {g for lease in running for g in lease.gpus}
     held_cpus = {c for lease in running for c in lease.cpus}
     fixed_gpus = {g for lease in running if _never_ends(lease) for g in lease.gpus}
+    fixed_gpus |= unavailable
     fixed_cpus = {c for lease in running if _never_ends(lease) for c in lease.cpus}
     capacity_gpus = sum(1 for g in gpus if g not in fixed_gpus)
     capacity_cpus = sum(1 for c in cpus if c not in fixed_cpus)
@@ -76,8 +85,11 @@ def admit(
         if dependencies(lease) != READY:
             continue
         kept_gpus = {g for w in ahead if w.request.gpu_ids for g in w.request.gpu_ids}
-        spot = place(lease.request, gpus, cpus, held_gpus | kept_gpus, held_cpus)
-        free_gpus = sum(1 for g in gpus if g not in held_gpus)
+        allowed = gpus if lease.gpu_mask is None else tuple(g for g in gpus if g in lease.gpu_mask)
+        spot = place(
+            lease.request, allowed, cpus, held_gpus | kept_gpus, held_cpus, topology, unavailable
+        )
+        free_gpus = sum(1 for g in gpus if g not in held_gpus and g not in unavailable)
         free_cpus = sum(1 for c in cpus if c not in held_cpus)
         if spot is not None and not _delays_anyone(
             lease, ahead, capacity_gpus, capacity_cpus, free_gpus, free_cpus, ends, now

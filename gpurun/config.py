@@ -16,6 +16,7 @@ from gpurun.errors import ConfigError
 # Only for annotations: importing `typing` costs the launch path a few milliseconds.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from gpurun.gpus import Discovery
     from gpurun.inventory import Limits, Server
 
 SEARCH_PATHS = (
@@ -37,12 +38,19 @@ KEYS = (
     "limits",
     "label_limits",
     "stale_after",
+    "visible_devices",
+    "external",
+    "external_memory_mb",
+    "sysfs_root",
+    "nvidia_smi",
 )
+DEFAULT_EXTERNAL_MB = 1024
 
 _ConfigBase = namedtuple(
     "_ConfigBase",
     "path state_dir server server_named gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish"
-    " servers entry chosen_by limits stale_after",
+    " servers entry chosen_by limits stale_after devices discovery topology visible_devices"
+    " external external_memory_mb sysfs_root nvidia_smi gpu_mask mask_form mask_note parent_job",
 )
 
 
@@ -60,6 +68,15 @@ class Config(_ConfigBase):
     the top-level keys); chosen_by: how this server was picked, for `doctor`; limits: the
     per-job inventory.Limits for this server; stale_after: seconds after which another
     server's ledger heartbeat counts as stale.
+
+    devices: {id: gpus.Gpu} for discovered GPUs (empty when `gpus:` declares ids); discovery:
+    the gpus.Discovery when discovery ran, else None; topology: a topology.Topology, or None
+    when there is none to read; visible_devices: "index" or "uuid"; external: "avoid" or
+    "ignore"; external_memory_mb: int; sysfs_root: str; nvidia_smi: the configured command or
+    None. gpu_mask: the ids an inherited $CUDA_VISIBLE_DEVICES allows, or None; mask_form:
+    "index" or "uuid", how it named them (and so how to export them); mask_note: what the
+    mask named that this server does not have ("" if nothing); parent_job: the job id this
+    gpurun runs inside ($GPURUN_JOB_ID), whose lease it subdivides, or None.
     """
 
     __slots__ = ()
@@ -123,23 +140,79 @@ def build_config(
         if path and not os.path.isabs(state_dir):
             state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
 
+    smi = raw.get("nvidia_smi")
+    if smi is not None and (not isinstance(smi, str) or not smi.strip()):
+        raise fail("nvidia_smi", "must be a command, such as /usr/bin/nvidia-smi")
+    root = raw.get("sysfs_root")
+    if root is not None and (not isinstance(root, str) or not os.path.isdir(root)):
+        raise fail("sysfs_root", f"must be a folder that exists, not {_yaml(root)}")
+    from_env_root = os.environ.get("GPURUN_SYSFS_ROOT")
+    root_set = bool(from_env_root or root)
+    root = from_env_root or root or "/sys"
+    if root_set and not os.path.isdir(root):
+        raise ConfigError("$GPURUN_SYSFS_ROOT", f"'{root}' is not a folder")
+
     servers, limits = _inventory(raw, fail)
     entry, named, chosen_by = _choose_server(servers, server, where)
+    discovery = None
     if entry is not None:
-        gpus = list(entry.gpus) if entry.gpus is not None else _gpu_ids("auto")
-        cpus = list(entry.cpus) if entry.cpus is not None else _cpu_ids("auto")
+        gpus_value = list(entry.gpus) if entry.gpus is not None else "auto"
+        cpus_value = list(entry.cpus) if entry.cpus is not None else "auto"
         limits = entry.limits
         name = entry.name
     else:
+        gpus_value = raw.get("gpus", "auto")
+        cpus_value = raw.get("cpus", "auto")
+        name = named or os.uname().nodename.split(".")[0] or "localhost"
+    try:
+        gpus, discovery = _gpu_ids(gpus_value, smi)
+    except ValueError as exc:
+        raise fail("gpus", str(exc)) from None
+    if entry is not None and entry.cpus is not None:
+        cpus = list(entry.cpus)
+    else:
         try:
-            gpus = _gpu_ids(raw.get("gpus", "auto"))
-        except ValueError as exc:
-            raise fail("gpus", str(exc)) from None
-        try:
-            cpus = _cpu_ids(raw.get("cpus", "auto"))
+            cpus = _cpu_ids(cpus_value, root if root_set else None)
         except ValueError as exc:
             raise fail("cpus", str(exc)) from None
-        name = named or os.uname().nodename.split(".")[0] or "localhost"
+    devices = {gpu.id: gpu for gpu in discovery.gpus} if discovery else {}
+
+    visible = raw.get("visible_devices", "index")
+    if visible not in ("index", "uuid"):
+        raise fail("visible_devices", f"must be 'index' or 'uuid', not {_yaml(visible)}")
+    if visible == "uuid" and not devices:
+        raise fail(
+            "visible_devices",
+            "'uuid' needs the GPUs' UUIDs: use gpus: auto or list UUIDs in gpus:",
+        )
+    external = raw.get("external", "avoid")
+    if external not in ("avoid", "ignore"):
+        raise fail("external", f"must be 'avoid' or 'ignore', not {_yaml(external)}")
+    external_mb = raw.get("external_memory_mb", DEFAULT_EXTERNAL_MB)
+    if not _is_int(external_mb) or external_mb < 0:
+        raise fail(
+            "external_memory_mb", f"must be a whole number of MiB >= 0, not {_yaml(external_mb)}"
+        )
+
+    from gpurun.masks import inherited_mask, parent_job
+
+    gpu_mask, mask_form, mask_note = inherited_mask(gpus, devices)
+    parent = parent_job()
+    if parent is not None:
+        # Inside a gpurun job: its lease is this gpurun's whole server, in a private ledger.
+        job_id, job_cpus = parent
+        gpus = [g for g in gpus if gpu_mask is None or g in gpu_mask]
+        cpus = [c for c in cpus if c in job_cpus]
+        gpu_mask = None
+        state_dir = os.path.join(state_dir, "jobs", f"{name}.{job_id}.d")
+
+    topology = None
+    buses = {gpu.id: gpu.bus_id for gpu in devices.values() if gpu.bus_id}
+    if buses or root_set:
+        from gpurun.topology import read_topology
+
+        links = discovery.links if discovery else {}
+        topology = read_topology(root, buses, links)
 
     per_gpu = raw.get("cpus_per_gpu", "auto")
     if per_gpu == "auto":
@@ -185,6 +258,18 @@ def build_config(
         chosen_by=chosen_by,
         limits=limits,
         stale_after=float(stale_after),
+        devices=devices,
+        discovery=discovery,
+        topology=topology,
+        visible_devices=visible,
+        external=external,
+        external_memory_mb=external_mb,
+        sysfs_root=root,
+        nvidia_smi=smi,
+        gpu_mask=gpu_mask,
+        mask_form=mask_form,
+        mask_note=mask_note,
+        parent_job=parent[0] if parent else None,
     )
 
 
@@ -220,7 +305,11 @@ def _inventory(raw: dict[str, object], fail: object) -> tuple[list[Server], Limi
 
 
 def _remote_gpu_ids(value: object, local: bool) -> list[int] | None:
-    return None if value == "auto" else _gpu_ids(value)
+    if value == "auto":
+        return None
+    if isinstance(value, list) and any(isinstance(item, str) for item in value):
+        raise ValueError("UUIDs may be listed only in the top-level gpus:, not in servers:")
+    return _gpu_ids(value, None)[0]
 
 
 def _remote_cpu_ids(value: object, local: bool) -> list[int] | None:
@@ -307,29 +396,60 @@ def _id_list(value: object, what: str) -> list[int]:
     return sorted(ids)
 
 
-def _gpu_ids(value: object) -> list[int]:
-    if value == "auto":
-        from gpurun.gpus import discover_gpu_ids
+def _gpu_ids(value: object, smi: str | None) -> tuple[list[int], Discovery | None]:
+    """The GPU ids `gpus:` names, and the discovery when it had to ask the GPUs."""
+    if value == "auto" or (isinstance(value, list) and any(isinstance(i, str) for i in value)):
+        from gpurun.gpus import discover
 
-        return discover_gpu_ids()
+        discovery = discover(smi)
+        if value == "auto":
+            return sorted(gpu.id for gpu in discovery.gpus), discovery
+        return _named_gpus(value, discovery), discovery
     if _is_int(value):
         if value < 0:
             raise ValueError(f"a GPU count must be >= 0, not {value}")
-        return list(range(value))
+        return list(range(value)), None
     if isinstance(value, list):
-        return _id_list(value, "GPU")
+        return _id_list(value, "GPU"), None
     if isinstance(value, str) and "," in value:
         raise ValueError(
             f"YAML reads {value} as the string '{value}', not a list; "
             f"write a list: gpus: [{value.replace(',', ', ')}]"
         )
-    raise ValueError(f"must be 'auto', a count or a list of ids like [0, 2, 3], not {_yaml(value)}")
+    raise ValueError(
+        f"must be 'auto', a count or a list of ids or UUIDs like [0, 2, 3], not {_yaml(value)}"
+    )
 
 
-def _cpu_ids(value: object) -> list[int]:
-    host = online_cpus()
+def _named_gpus(value: list, discovery: Discovery) -> list[int]:
+    """Ids for a `gpus:` list of indices and UUIDs, each checked against what was found."""
+    by_uuid = {gpu.uuid: gpu.id for gpu in discovery.gpus}
+    found = {gpu.id for gpu in discovery.gpus}
+    ids: list[int] = []
+    for item in value:
+        if isinstance(item, str) and item in by_uuid:
+            gpu_id = by_uuid[item]
+        elif _is_int(item) and item in found:
+            gpu_id = item
+        else:
+            have = ", ".join(gpu.uuid for gpu in discovery.gpus) or f"none ({discovery.problem})"
+            raise ValueError(f"this host has no GPU {_yaml(item)}; its GPUs are {have}")
+        if gpu_id in ids:
+            raise ValueError(f"GPU {_yaml(item)} is listed twice (as its index and its UUID?)")
+        ids.append(gpu_id)
+    return sorted(ids)
+
+
+def _cpu_ids(value: object, fake_root: str | None) -> list[int]:
+    """CPU ids for `cpus:`; with a sysfs root set, `auto` and the check use that tree's CPUs."""
+    if fake_root is not None:
+        from gpurun.topology import online_cpus as tree_cpus
+
+        host = tree_cpus(fake_root)
+    else:
+        host = online_cpus()
     if value == "auto":
-        return sorted(os.sched_getaffinity(0))
+        return host if fake_root is not None else sorted(os.sched_getaffinity(0))
     if _is_int(value):
         if value < 0:
             raise ValueError(f"a CPU count must be >= 0, not {value}")

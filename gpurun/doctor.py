@@ -132,13 +132,15 @@ def diagnose(
     servers = [_server_report(config, server, now, problems) for server in config.servers]
     if not config.servers:
         _ledger_state(config, config.server, now, problems)
-    _check_cpus(config, problems)
     _check_orphaned(config, problems)
-    if not config.gpus:
+    if config.sysfs_root == "/sys":
+        _check_cpus(config, problems)
+    else:
         notes.append(
-            "this host has no GPUs: none are listed in the config, or 'gpus: auto' found "
-            "none with nvidia-smi; only jobs with -g 0 can run here"
+            f"CPUs and NUMA nodes are read from the sysfs tree {config.sysfs_root}, not this "
+            "host's /sys; jobs are pinned only to the CPUs this host has"
         )
+    gpus = gpu_report(config, problems, notes)
 
     return {
         "config": os.path.abspath(config.path) if config.path else None,
@@ -147,6 +149,9 @@ def diagnose(
         "gpus": list(config.gpus),
         "cpus": format_cpulist(config.cpus),
         "limits": config.limits._asdict(),
+        "discovery": gpus["discovery"],
+        "devices": gpus["devices"],
+        "topology": gpus["topology"],
         "state_dir": state_dir,
         "servers": servers,
         "problems": problems,
@@ -295,6 +300,91 @@ def _server_report(
     }
 
 
+def gpu_report(config: Config, problems: list[str], notes: list[str]) -> dict[str, object]:
+    """How gpurun found the GPUs, each GPU with its node and outside use, and the topology
+    placement follows; adds what a user should know to `notes`."""
+    from gpurun.external import external_use, process_owner
+
+    discovery = config.discovery
+    if discovery is None:
+        source = {"source": "config", "problem": ""}
+    else:
+        source = {"source": discovery.source, "problem": discovery.problem}
+        if (discovery.source != "none" and config.nvidia_smi) or discovery.source == "nvidia-smi":
+            source["command"] = " ".join(_smi(config))
+    outside = external_use(config, discovery)
+    owners = {}
+    if discovery is not None:
+        for process in discovery.processes:
+            owners.setdefault(process.gpu, process_owner(process.pid))
+    topology = config.topology
+    devices = []
+    for gpu_id in config.gpus:
+        gpu = config.devices.get(gpu_id)
+        devices.append(
+            {
+                "id": gpu_id,
+                "uuid": gpu.uuid if gpu else None,
+                "bus_id": gpu.bus_id if gpu else None,
+                "name": gpu.name if gpu else None,
+                "memory_mb": gpu.memory_mb if gpu else None,
+                "mig_of": gpu.parent if gpu else None,
+                "numa_node": topology.gpu_node.get(gpu_id) if topology else None,
+                "allowed": config.gpu_mask is None or gpu_id in config.gpu_mask,
+                "external": outside.get(gpu_id),
+                "external_user": owners.get(gpu_id),
+            }
+        )
+    nodes: dict[int, list[int]] = {}
+    threads = 1
+    if topology is not None:
+        for cpu, node in topology.cpu_node.items():
+            if cpu in config.cpus:
+                nodes.setdefault(node, []).append(cpu)
+        threads = max((len(core) for core in topology.cpu_core.values()), default=1)
+    topo = {
+        "read": topology is not None,
+        "nodes": {str(n): format_cpulist(cpus) for n, cpus in sorted(nodes.items())},
+        "threads_per_core": threads,
+        "links": bool(topology and topology.gpu_links),
+    }
+
+    if not config.gpus:
+        why = f" ({discovery.problem})" if discovery is not None and discovery.problem else ""
+        found = "the config lists none" if discovery is None else "discovery found none" + why
+        notes.append(f"this host has no GPUs: {found}; only jobs with -g 0 can run here")
+    if outside:
+        mode = config.external
+        listed = "; ".join(f"GPU {g}: {why}" for g, why in sorted(outside.items()))
+        notes.append(
+            f"busy outside gpurun: {listed}; "
+            + (
+                "they are not handed out (external: avoid)"
+                if mode == "avoid"
+                else "handed out anyway (external: ignore)"
+            )
+        )
+    if config.gpu_mask is not None:
+        notes.append(
+            "$CUDA_VISIBLE_DEVICES is set: jobs get only GPUs "
+            f"{','.join(map(str, config.gpu_mask)) or 'none'}, exported by {config.mask_form}"
+        )
+    if config.mask_note:
+        problems.append(config.mask_note)
+    if config.parent_job is not None:
+        notes.append(
+            f"inside gpurun job {config.parent_job}: its GPUs and CPUs are this gpurun's whole "
+            "server, in a ledger private to the job"
+        )
+    return {"discovery": source, "devices": devices, "topology": topo}
+
+
+def _smi(config: Config) -> list[str]:
+    from gpurun.gpus import smi_command
+
+    return smi_command(config.nvidia_smi) or ["nvidia-smi"]
+
+
 def _check_cpus(config: Config, problems: list[str]) -> None:
     """CPUs the config gives this host that this process may not use (the config of a listed
     server is not checked against the host, and a cpuset may have narrowed it since)."""
@@ -326,6 +416,39 @@ def _check_orphaned(config: Config, problems: list[str]) -> None:
                 )
 
 
+def _found_by(report: dict[str, object]) -> str:
+    found = report["discovery"]
+    if found["source"] == "config":
+        return ""
+    if found["source"] == "none":
+        return f" (gpus: auto found none: {found['problem']})"
+    how = f" (asked {found['source']}"
+    if found.get("command"):
+        how += f": {found['command']}"
+    return how + ")"
+
+
+def _topology_line(topology: dict[str, object]) -> str:
+    if not topology["read"]:
+        return "none read; placement takes the lowest free ids"
+    nodes = "; ".join(f"node {n}: CPUs {cpus}" for n, cpus in topology["nodes"].items())
+    threads = topology["threads_per_core"]
+    return f"{len(topology['nodes'])} NUMA node(s) ({nodes}), {threads} thread(s) per core" + (
+        ", GPU links known" if topology["links"] else ""
+    )
+
+
+def _gpu_use(gpu: dict[str, object]) -> str:
+    if not gpu["allowed"]:
+        return "outside $CUDA_VISIBLE_DEVICES"
+    if gpu["external"]:
+        user = f" ({gpu['external_user']})" if gpu["external_user"] else ""
+        return f"external: {gpu['external']}{user}"
+    if gpu["mig_of"] is not None:
+        return f"MIG slice of GPU {gpu['mig_of']}"
+    return "ok"
+
+
 def doctor_text(report: dict[str, object]) -> str:
     """The report as people read it: facts, the servers, then problems and notes."""
     from gpurun.render import duration, table
@@ -344,11 +467,28 @@ def doctor_text(report: dict[str, object]) -> str:
     lines = [
         f"config: {report['config'] or 'none (built-in defaults)'}",
         f"server: {report['server']} ({report['chosen_by']})",
-        f"GPUs: {','.join(map(str, report['gpus'])) or 'none'}",
+        f"GPUs: {','.join(map(str, report['gpus'])) or 'none'}{_found_by(report)}",
         f"CPUs: {report['cpus'] or 'none'}",
+        f"topology: {_topology_line(report['topology'])}",
         f"limits: {limits or 'none'}",
         f"state dir: {state['path']} ({', '.join(facts)})",
     ]
+
+    if report["devices"] and report["discovery"]["source"] != "config":
+        rows = [
+            [
+                str(gpu["id"]),
+                gpu["uuid"] or "-",
+                gpu["bus_id"] or "-",
+                "-" if gpu["numa_node"] is None else str(gpu["numa_node"]),
+                f"{gpu['memory_mb']} MiB" if (gpu["memory_mb"] or -1) >= 0 else "-",
+                gpu["name"] or "-",
+                _gpu_use(gpu),
+            ]
+            for gpu in report["devices"]
+        ]
+        headers = ["GPU", "UUID", "BUS", "NODE", "MEMORY", "NAME", "USE"]
+        lines += ["", table(headers, rows)]
 
     if report["servers"]:
         rows = [

@@ -175,6 +175,8 @@ def _server_view(config: Config, name: str, now: float) -> dict[str, object]:
     cpu_holder = {cpu: view for view in outer for cpu in view["cpus"]}
 
     gpus = [_gpu_row(gpu, gpu_holder.get(gpu)) for gpu in inventory_gpus]
+    if name == config.server and config.discovery is not None:
+        _mark_outside_use(config, state, gpus, now)
     gone = sorted(set(gpu_holder) - gpu_set)
     gpus.extend(dict(_gpu_row(gpu, gpu_holder[gpu]), state="orphaned") for gpu in gone)
     cpu_groups = [
@@ -216,6 +218,54 @@ def _server_view(config: Config, name: str, now: float) -> dict[str, object]:
         "cpus": cpu_groups,
         "leases": views,
     }
+
+
+def _mark_outside_use(
+    config: Config, state: State, rows: list[dict[str, object]], now: float
+) -> None:
+    """Mark this host's GPUs that processes use outside their leases: `external` (no live
+    job's process; a GPU no lease holds then shows state external) and `violation` (a job's
+    process, or a descendant's, on a GPU its lease does not hold)."""
+    from gpurun.external import process_owner
+
+    discovery = config.discovery
+    by_gpu = {row["id"]: row for row in rows}
+    owner_job: dict[int, Lease] = {}
+    for lease in state.leases:
+        if lease.state == "running" and lease.kind == "job":
+            for pid in _job_processes(lease, checked=True):
+                owner_job[pid] = lease
+    for process in discovery.processes:
+        row = by_gpu.get(process.gpu)
+        if row is None:
+            continue
+        job = owner_job.get(process.pid)
+        if job is None:
+            row.setdefault(
+                "external",
+                {
+                    "pid": process.pid,
+                    "user": process_owner(process.pid),
+                    "memory_mb": None if process.used_mb < 0 else process.used_mb,
+                    "process": process.name or None,
+                },
+            )
+        elif process.gpu not in job.gpus:
+            row.setdefault("violation", {"job": job.id, "user": job.user, "pid": process.pid})
+    for gpu in discovery.gpus:
+        row = by_gpu.get(gpu.id)
+        if (
+            row is not None
+            and "external" not in row
+            and row["state"] == "free"
+            and gpu.used_mb > config.external_memory_mb
+        ):
+            row["external"] = {"pid": None, "user": None, "memory_mb": gpu.used_mb}
+    for row in rows:
+        row.setdefault("external", None)
+        row.setdefault("violation", None)
+        if row["state"] == "free" and (row["external"] or row["violation"]):
+            row["state"] = "external" if config.external == "avoid" else "free"
 
 
 def _gpu_row(gpu: int, holder: dict[str, object] | None) -> dict[str, object]:

@@ -27,6 +27,7 @@ from gpurun.errors import (
     NotFoundError,
     RefusedError,
 )
+from gpurun.external import busy_outside
 from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, finished_record
 from gpurun.log import get_logger
 from gpurun.placement import Request, check_limits, check_possible
@@ -34,6 +35,8 @@ from gpurun.placement import Request, check_limits, check_possible
 log = get_logger(__name__)
 
 POLL_SECONDS = 1.0
+# A waiting gpurun asks again which GPUs are busy outside gpurun at most this often.
+OUTSIDE_MAX_AGE = 5.0
 
 _SpecBase = namedtuple(
     "_SpecBase", "request command name priority time_limit after after_any reservation"
@@ -135,7 +138,7 @@ def run_job(
         from gpurun.reservations import run_inside
 
         return run_inside(config, spec, executable, argv)
-    check_possible(spec.request, config.gpus, config.cpus)
+    check_possible(spec.request, usable_gpus(config), config.cpus)
     check_limits(spec.request, config.limits, config.server, config.path)
     if spec.priority > 0 and os.geteuid() != 0:
         raise RefusedError(f"only root may raise --priority above 0 (asked {spec.priority})")
@@ -178,15 +181,19 @@ def reserve(
         for sig in supervise.FORWARDED[1:]
         if signal.getsignal(sig) is not signal.SIG_IGN
     }
+    outside_age = None
     try:
         while True:
             cancelled = None
+            outside = busy_outside(config, outside_age)
+            outside_age = OUTSIDE_MAX_AGE
             with ledger.transaction(block=supervise.BLOCKED) as state:
                 now = time.time()
                 dead = reap_dead(ledger, state, now)
                 if entry is None:
                     lease_id, lock_fd = _new_job(ledger, state)
                     entry = _new_entry(ledger, spec, lease_id, now, detached)
+                    entry = entry._replace(gpu_mask=config.gpu_mask)
                     state.add(entry)
                 entry = state.find(entry.id)
                 if entry is None:
@@ -199,7 +206,7 @@ def reserve(
                     cancelled = dependencies.reason(entry)
                     state.finish(entry.id, ledger.server, "cancelled", None, cancelled)
                 else:
-                    place_admitted(state, config, now, dependencies)
+                    place_admitted(state, config, now, dependencies, outside)
                     entry = state.find(entry.id)
                     if entry.state == "running":
                         pass
@@ -262,7 +269,7 @@ def run_reserved(
         _withdraw(ledger, lease, lock_fd, interrupted)
         raise interrupted
     try:
-        pid = supervise.spawn(executable, argv, job_env(lease), lease.cpus)
+        pid = supervise.spawn(executable, argv, job_env(lease, config), lease.cpus)
     except OSError as exc:
         failure: GpurunError
         if isinstance(exc, PermissionError) or exc.errno == 8:
@@ -303,14 +310,29 @@ def run_reserved(
     return code
 
 
-def place_admitted(state: State, config: Config, now: float, dependencies: object) -> None:
+def place_admitted(
+    state: State,
+    config: Config,
+    now: float,
+    dependencies: object,
+    outside: dict[int, str] | None = None,
+) -> None:
     """Give every waiting lease the queue's rules admit now its GPUs and CPUs (under the lock).
 
     Whoever holds the lock places all of them in queue order, so placement follows the queue
     even when the waiting gpurun processes wake in another order; each then finds its lease
-    placed and starts its command.
+    placed and starts its command. `outside`: GPUs busy outside gpurun (external.py), never
+    handed out.
     """
-    admitted = admit(state.leases, config.gpus, config.cpus, now, dependencies)
+    admitted = admit(
+        state.leases,
+        config.gpus,
+        config.cpus,
+        now,
+        dependencies,
+        config.topology,
+        frozenset(outside or ()),
+    )
     for lease_id, (gpus, cpus) in admitted.items():
         lease = state.find(lease_id)
         state.replace(lease._replace(state="running", gpus=gpus, cpus=cpus, placed=now))
@@ -338,6 +360,21 @@ def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
     """After the reaping transaction: remove the dead jobs' locks."""
     for lease in dead:
         _unlink(ledger.job_lock_path(lease.id))
+        _remove_inner(ledger, lease.id)
+
+
+def inner_state_dir(ledger: Ledger, lease_id: int) -> str:
+    """The private state dir of gpuruns run inside the job (see masks.parent_job)."""
+    return os.path.join(ledger.jobs_dir, f"{ledger.server}.{lease_id}.d")
+
+
+def _remove_inner(ledger: Ledger, lease_id: int) -> None:
+    """Remove the job's private ledger, if gpurun ran inside it; its jobs ended with it."""
+    folder = inner_state_dir(ledger, lease_id)
+    if os.path.isdir(folder):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def held_ids(leases: list[Lease]) -> tuple[set[int], set[int]]:
@@ -373,10 +410,26 @@ def describe_busy(request: Request, config: Config, state: State) -> str:
     return text
 
 
-def job_env(lease: Lease) -> dict[str, str]:
+def usable_gpus(config: Config) -> tuple[int, ...]:
+    """The GPUs this gpurun may hand out: the server's, narrowed by an inherited mask."""
+    if config.gpu_mask is None:
+        return config.gpus
+    return tuple(g for g in config.gpus if g in config.gpu_mask)
+
+
+def export_form(config: Config) -> str:
+    """How CUDA_VISIBLE_DEVICES names GPUs: as an inherited mask did, else `visible_devices`."""
+    return config.mask_form if config.gpu_mask is not None else config.visible_devices
+
+
+def job_env(lease: Lease, config: Config) -> dict[str, str]:
+    """The job's environment: CUDA_VISIBLE_DEVICES replaces any inherited value (it never
+    adds to it); GPURUN_GPUS has the physical ids, whatever form CUDA gets."""
+    from gpurun.masks import export_gpus
+
     env = dict(os.environ)
     ids = ",".join(map(str, lease.gpus))
-    env["CUDA_VISIBLE_DEVICES"] = ids
+    env["CUDA_VISIBLE_DEVICES"] = export_gpus(lease.gpus, config.devices, export_form(config))
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["GPURUN_JOB_ID"] = str(lease.id)
     env["GPURUN_GPUS"] = ids
@@ -571,13 +624,14 @@ def _release(
     """Remove the lease, place the jobs that can start now, append the job to history and
     drop the job lock; return the history record."""
     record = finished_record(lease, ledger.server, time.time(), code, "exited")
+    outside = busy_outside(config, 0.0)
     try:
         with ledger.transaction() as state:
             # Recorded even if a forced reset dropped the lease: the job did run and end.
             state.remove(lease.id)
             state.finished.append(record)
             state.changed = True
-            place_admitted(state, config, time.time(), _Dependencies(ledger, state))
+            place_admitted(state, config, time.time(), _Dependencies(ledger, state), outside)
     except LedgerError as exc:
         log.warning(
             "could not remove lease %d (%s); the next gpurun or 'gpurun gc' will reap it",
@@ -587,6 +641,7 @@ def _release(
     log.info("job %d ended with %d; its lease is freed", lease.id, code)
     os.close(lock_fd)
     _unlink(ledger.job_lock_path(lease.id))
+    _remove_inner(ledger, lease.id)
     return record
 
 

@@ -33,13 +33,14 @@ from gpurun.placement import Request
 
 log = get_logger(__name__)
 
-SCHEMA = 2
+SCHEMA = 3
 
 _HolderBase = namedtuple("_HolderBase", "pid start role")
 _LeaseBase = namedtuple(
     "_LeaseBase",
     "id kind state name user uid host gpus cpus command created started holders boot expires "
-    "request priority time_limit after after_any log placed reservation",
+    "request priority time_limit after after_any log placed reservation gpu_mask",
+    defaults=(None,),
 )
 
 
@@ -62,9 +63,12 @@ class Lease(_LeaseBase):
     after: ids of jobs that must end first; after_any: start after them whatever their exit
     code (else only when all exited 0); log: the output file of a detached job, or None;
     placed: when it was given its GPUs and CPUs (None while waiting); reservation: for a job
-    run inside a reservation (`run -r`), the reservation's id, else None.
+    run inside a reservation (`run -r`), the reservation's id, else None; gpu_mask: the only
+    GPU ids it may be placed on (an inherited $CUDA_VISIBLE_DEVICES, see masks.py), or None
+    for any.
 
-    Schema 1 ledgers (gpurun 0.1) lack the fields from `request` on; they read as defaults.
+    Schema 1 ledgers (gpurun 0.1) lack the fields from `request` on, and schema 2 ledgers
+    lack gpu_mask; they read as defaults.
     """
 
     __slots__ = ()
@@ -81,6 +85,7 @@ class Lease(_LeaseBase):
             "gpu_ids": None if self.request.gpu_ids is None else list(self.request.gpu_ids),
         }
         record["after"] = list(self.after)
+        record["gpu_mask"] = None if self.gpu_mask is None else list(self.gpu_mask)
         return record
 
     @classmethod
@@ -115,6 +120,11 @@ class Lease(_LeaseBase):
                 placed=_optional_num(record.get("placed")),
                 reservation=(
                     None if record.get("reservation") is None else _int(record["reservation"])
+                ),
+                gpu_mask=(
+                    None
+                    if record.get("gpu_mask") is None
+                    else tuple(_int(i) for i in record["gpu_mask"])
                 ),
             )
         except (KeyError, TypeError, AttributeError) as exc:

@@ -152,7 +152,7 @@ def _server_state(server: dict[str, object]) -> str:
 def _server_detail(server: dict[str, object]) -> str:
     gpus = (
         table(
-            ["GPU", "STATE", "JOB", "USER", "NAME"],
+            ["GPU", "STATE", "JOB", "USER", "NAME", "OUTSIDE"],
             [
                 [
                     str(g["id"]),
@@ -160,6 +160,7 @@ def _server_detail(server: dict[str, object]) -> str:
                     str(g["job"] or "-"),
                     g["user"] or "-",
                     g["name"] or "-",
+                    _outside(g),
                 ]
                 for g in server["gpus"]
             ],
@@ -182,6 +183,23 @@ def _server_detail(server: dict[str, object]) -> str:
         ],
     )
     return f"{gpus}\n\n{cpus}"
+
+
+def _outside(gpu: dict[str, object]) -> str:
+    """Use of a GPU outside gpurun's leases: `pid 4242 alice 8000MiB`, `violation job 3 pid 99`."""
+    parts = []
+    external = gpu.get("external")
+    if external:
+        words = [f"pid {external['pid']}" if external["pid"] else "memory"]
+        if external.get("user"):
+            words.append(external["user"])
+        if external.get("memory_mb") is not None:
+            words.append(f"{external['memory_mb']}MiB")
+        parts.append(" ".join(words))
+    violation = gpu.get("violation")
+    if violation:
+        parts.append(f"violation job {violation['job']} pid {violation['pid']}")
+    return "; ".join(parts) or "-"
 
 
 def reservation_text(booked: dict[str, object]) -> str:

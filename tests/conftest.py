@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures"
 PROBE = str(HERE / "probe.py")
 GPURUN = str(Path(sys.executable).with_name("gpurun"))
 
@@ -52,10 +53,28 @@ class Gpurun:
         self.env.pop("GPURUN_STATE_DIR", None)
         self.env["GPURUN_CONFIG"] = str(self.config)
         self.env.pop("OMP_NUM_THREADS", None)
+        # A suite run inside a gpurun job, a Slurm job or on a GPU host must not see them.
+        for name in (
+            "CUDA_VISIBLE_DEVICES",
+            "GPURUN_JOB_ID",
+            "GPURUN_GPUS",
+            "GPURUN_CPUS",
+            "GPURUN_NVIDIA_SMI",
+            "GPURUN_SYSFS_ROOT",
+        ):
+            self.env.pop(name, None)
         self.procs: list[subprocess.Popen] = []
 
     def write_config(self, text: str) -> None:
         self.config.write_text(f"state_dir: {self.state_dir}\n" + text)
+
+    def use_machine(self, name: str, config: str = "", recordings: Path | None = None) -> None:
+        """Run against a recorded machine of tests/fixtures: its nvidia-smi outputs (or those
+        in `recordings`, a copy to change) and its sysfs tree, with `gpus: auto`."""
+        smi = FIXTURES / "fake-nvidia-smi"
+        self.env["GPURUN_NVIDIA_SMI"] = f"{smi} {recordings or FIXTURES / name}"
+        self.env["GPURUN_SYSFS_ROOT"] = str(FIXTURES / name / "sys")
+        self.write_config("gpus: auto\ncpus: auto\nkill_grace: 1\nlock_timeout: 10\n" + config)
 
     def run(self, *args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(
