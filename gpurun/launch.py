@@ -193,6 +193,9 @@ def reserve(
                 if entry.state == "waiting" and dependencies(entry) == FAILED:
                     state.remove(entry.id)
                     cancelled = dependencies.reason(entry)
+                    state.finish(
+                        finished_record(entry, ledger.server, now, None, "cancelled", cancelled)
+                    )
                 else:
                     place_admitted(state, config, now, dependencies)
                     entry = state.find(entry.id)
@@ -210,10 +213,6 @@ def reserve(
                 on_queued(entry)
                 on_queued = None
             if cancelled is not None:
-                record = finished_record(
-                    entry, ledger.server, time.time(), None, "cancelled", cancelled
-                )
-                ledger.append_history([record])
                 raise DependencyFailed(f"job {entry.id} was cancelled: {cancelled}")
             if entry.state == "running":
                 log.info(
@@ -311,28 +310,23 @@ def place_admitted(state: State, config: Config, now: float, dependencies: objec
 
 
 def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
-    """Drop the dead leases from `state` (under the lock) and return them."""
+    """Drop the dead leases from `state` (under the lock) and return them; each goes to
+    history with the change, unless history has it already (see State.finish)."""
     dead = [lease for lease in state.leases if not ledger.alive(lease, now)]
+    if not dead:
+        return dead
+    recorded = ledger.finished_jobs({lease.id for lease in dead})
     for lease in dead:
         state.remove(lease.id)
         log.info("reaped dead lease %d (%s)", lease.id, lease.name)
+        if lease.id not in recorded:
+            how = "expired" if lease.kind == "reservation" else "dead"
+            state.finish(finished_record(lease, ledger.server, now, None, how))
     return dead
 
 
 def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
-    """After the reaping transaction: record the dead jobs in history, remove their locks."""
-    ledger.append_history(
-        [
-            finished_record(
-                lease,
-                ledger.server,
-                now,
-                None,
-                "expired" if lease.kind == "reservation" else "dead",
-            )
-            for lease in dead
-        ]
-    )
+    """After the reaping transaction: remove the dead jobs' locks."""
     for lease in dead:
         _unlink(ledger.job_lock_path(lease.id))
 
@@ -587,11 +581,13 @@ def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> L
 def _release(
     ledger: Ledger, config: Config, lease: Lease, lock_fd: int, code: int
 ) -> dict[str, object]:
-    """Remove the lease, place the jobs that can start now, append the job to history and
-    drop the job lock; return the history record."""
+    """Remove the lease and append the job to history in one change, place the jobs that can
+    start now, drop the job lock; return the history record."""
+    record = finished_record(lease, ledger.server, time.time(), code, "exited")
     try:
         with ledger.transaction() as state:
-            state.remove(lease.id)
+            if state.remove(lease.id) is not None or not ledger.finished_jobs({lease.id}):
+                state.finish(record)
             place_admitted(state, config, time.time(), _Dependencies(ledger, state))
     except LedgerError as exc:
         log.warning(
@@ -599,9 +595,11 @@ def _release(
             lease.id,
             exc,
         )
+        # No one reaps the lease while this gpurun holds the job lock, so the record cannot
+        # be written twice; the reaper finds it and adds none.
+        if not ledger.finished_jobs({lease.id}):
+            ledger.append_history([record])
     log.info("job %d ended with %d; its lease is freed", lease.id, code)
-    record = finished_record(lease, ledger.server, time.time(), code, "exited")
-    ledger.append_history([record])
     os.close(lock_fd)
     _unlink(ledger.job_lock_path(lease.id))
     return record
@@ -638,7 +636,9 @@ def _new_job(ledger: Ledger, state: State) -> tuple[int, int]:
             )
         except OSError as exc:
             raise LedgerError(
-                ledger.job_lock_path(lease_id), f"cannot create the job lock: {exc.strerror}"
+                ledger.job_lock_path(lease_id),
+                f"cannot create the job lock ({exc.strerror}); the ledger was left as it was; "
+                "free space or fix the state folder's permissions",
             ) from None
     raise LedgerError(
         ledger.jobs_dir,

@@ -35,6 +35,17 @@ log = get_logger(__name__)
 
 SCHEMA = 2
 
+# Test-only: GPURUN_CRASH_AT=POINT[:N] makes gpurun kill itself with SIGKILL the Nth time
+# (default the first) it reaches that step of a ledger change, as a power cut or an OOM kill
+# would (tests/test_crash.py). The points: "locked" (lock taken, nothing written),
+# "temp-partial" (half the new ledger in the temporary file), "temp-written" (all of it, not
+# yet fsynced), "before-rename" (fsynced) and "after-rename" (the new ledger in place, the
+# lock still held). A launch makes three changes: place, record the command, release. It is
+# read once here, so a launch pays one environment lookup for it.
+CRASH_POINTS = ("locked", "temp-partial", "temp-written", "before-rename", "after-rename")
+_CRASH_AT = os.environ.get("GPURUN_CRASH_AT")
+_crash_count = [0]
+
 _HolderBase = namedtuple("_HolderBase", "pid start role")
 _LeaseBase = namedtuple(
     "_LeaseBase",
@@ -173,10 +184,11 @@ class State:
     """The ledger's content while a transaction holds the lock; `changed` marks it for writing.
 
     heartbeat: when the server's own host last wrote it (0 if never); boot: that host's boot
-    id; inventory: {"gpus": [...], "cpus": [...]} as that host last saw them, or None.
+    id; inventory: {"gpus": [...], "cpus": [...]} as that host last saw them, or None;
+    finished: history records of the jobs this change ends (see `finish`).
     """
 
-    __slots__ = ("boot", "changed", "heartbeat", "inventory", "leases", "next_id")
+    __slots__ = ("boot", "changed", "finished", "heartbeat", "inventory", "leases", "next_id")
 
     def __init__(
         self,
@@ -192,6 +204,17 @@ class State:
         self.boot = boot
         self.inventory = inventory
         self.changed = False
+        self.finished: list[dict[str, object]] = []
+
+    def finish(self, record: dict[str, object]) -> None:
+        """Record a job that this change takes out of the ledger in history.
+
+        The transaction appends it to history before it writes the ledger, under the same
+        lock: a gpurun killed in between leaves the job both in history and in the ledger,
+        and the reaper, which skips ids history already has, drops the lease without a second
+        record. So every job that ends is in history exactly once, whatever step a crash hits.
+        """
+        self.finished.append(record)
 
     def add(self, lease: Lease) -> None:
         self.leases.append(lease)
@@ -350,6 +373,8 @@ class Ledger:
         if self.owner and not self.named and not os.path.exists(self.path):
             self._refuse_twin()
         tmp = self.write_temp(state)
+        if _CRASH_AT:
+            crash_at("before-rename")
         try:
             os.rename(tmp, self.path)
         except OSError as exc:
@@ -358,6 +383,8 @@ class Ledger:
             raise LedgerError(
                 self.path, f"cannot replace the ledger ({exc.strerror}); it was left as it was"
             ) from None
+        if _CRASH_AT:
+            crash_at("after-rename")
 
     def write_temp(self, state: State) -> str:
         """Write the state to a temporary file beside the ledger, fsynced; return its path."""
@@ -442,6 +469,45 @@ class Ledger:
                 ids.append(int(middle))
         return sorted(ids)
 
+    def remove_leftovers(self) -> list[str]:
+        """Delete the temporary files (`.NAME.PID.tmp`, `.NAME.PID.new`) that a gpurun killed
+        in the middle of a write left in the state dir and `jobs/`; return their paths.
+
+        Only files whose pid is gone are deleted, so a write in progress (another server's, or
+        a job lock being made) is never touched; a pid we cannot see counts as alive. Such a
+        file never blocks anyone (each writer uses its own pid in the name); this only keeps
+        the folder clean. Call it under the ledger lock.
+        """
+        from gpurun.liveness import process_start
+
+        removed = []
+        for folder in (self.state_dir, self.jobs_dir):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for name in names:
+                parts = name.rsplit(".", 2)
+                if not name.startswith(".") or len(parts) != 3 or parts[2] not in ("tmp", "new"):
+                    continue
+                if not parts[1].isdigit():
+                    continue
+                try:
+                    if process_start(int(parts[1])) is not None:
+                        continue
+                except PermissionError:
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        os.rmdir(path)
+                    else:
+                        os.unlink(path)
+                except OSError:
+                    continue
+                removed.append(path)
+        return removed
+
     def _write_temp(self, path: str, data: bytes) -> str:
         folder, name = os.path.split(path)
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
@@ -452,8 +518,13 @@ class Ledger:
             try:
                 os.fchmod(fd, 0o666)
                 view = memoryview(data)
+                if _CRASH_AT and _CRASH_AT.startswith("temp-partial"):
+                    view = view[os.write(fd, view[: len(view) // 2]) :]
+                    crash_at("temp-partial")
                 while view:
                     view = view[os.write(fd, view) :]
+                if _CRASH_AT:
+                    crash_at("temp-written")
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -628,6 +699,16 @@ class Ledger:
         return aside
 
 
+def crash_at(point: str) -> None:
+    """Die by SIGKILL here if GPURUN_CRASH_AT names this point and count (see CRASH_POINTS)."""
+    name, _, count = _CRASH_AT.partition(":")
+    if point != name:
+        return
+    _crash_count[0] += 1
+    if _crash_count[0] >= (int(count) if count.isdigit() else 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def create_shared_file(path: str) -> None:
     """Create an empty file that every user may open for reading and writing (mode 0666).
 
@@ -710,6 +791,8 @@ class Transaction:
 
     def __enter__(self) -> State:
         self.fd = self.ledger.lock()
+        if _CRASH_AT:
+            crash_at("locked")
         if self.block:
             # Taken only once the lock is held, so Ctrl-C still ends a wait for the lock.
             signal.pthread_sigmask(signal.SIG_BLOCK, self.block)
@@ -722,8 +805,11 @@ class Transaction:
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         try:
-            if kind is None and self.state is not None and self.state.changed:
-                self.ledger.write(self.state)
+            if kind is None and self.state is not None:
+                if self.state.finished:
+                    self.ledger.append_history(self.state.finished)
+                if self.state.changed:
+                    self.ledger.write(self.state)
         finally:
             os.close(self.fd)
 

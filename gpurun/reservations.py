@@ -164,7 +164,7 @@ def release(config: Config, ref: str, server: str | None = None) -> dict[str, ob
                 f"('gpurun kill {inside[0]}')"
             )
         state.remove(current.id)
-    ledger.append_history([finished_record(current, ledger.server, now, None, "released")])
+        state.finish(finished_record(current, ledger.server, now, None, "released"))
     return reservation_view(current, ledger.server)
 
 
