@@ -114,7 +114,7 @@ def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, obj
         ledger.ensure_dirs()
         with ledger.transaction() as state:
             dead = reap_dead(ledger, state, now)
-            for path in ledger.remove_leftovers():
+            for path in ledger.remove_leftovers(state):
                 log.info("removed %s, left by a gpurun killed while writing", path)
             # Written even when nothing died: the write stamps this host's heartbeat, which
             # other hosts read to tell a quiet server from a stale one.

@@ -469,18 +469,35 @@ class Ledger:
                 ids.append(int(middle))
         return sorted(ids)
 
-    def remove_leftovers(self) -> list[str]:
-        """Delete the temporary files (`.NAME.PID.tmp`, `.NAME.PID.new`) that a gpurun killed
-        in the middle of a write left in the state dir and `jobs/`; return their paths.
+    def remove_leftovers(self, state: State) -> list[str]:
+        """Delete what a gpurun killed halfway left behind; return the paths deleted.
 
-        Only files whose pid is gone are deleted, so a write in progress (another server's, or
-        a job lock being made) is never touched; a pid we cannot see counts as alive. Such a
-        file never blocks anyone (each writer uses its own pid in the name); this only keeps
-        the folder clean. Call it under the ledger lock.
+        That is temporary files (`.NAME.PID.tmp`, `.NAME.PID.new`) in the state dir and
+        `jobs/` whose pid is gone, so a write in progress (another server's, or a job lock
+        being made) is never touched and a pid we cannot see counts as alive; and job locks
+        of this server that no process holds and no lease in `state` names. None of them
+        ever blocks anyone (each writer has its own name, a free job lock is replaced); this
+        keeps the folder clean. Call it under the ledger lock, with the state it read.
         """
-        from gpurun.liveness import process_start
+        from gpurun.liveness import job_lock_held, process_start
 
         removed = []
+        listed = {lease.id for lease in state.leases}
+        prefix = f"{self.server}."
+        try:
+            names = os.listdir(self.jobs_dir)
+        except OSError:
+            names = []
+        for name in names:
+            middle = name[len(prefix) : -len(".lock")]
+            if not (name.startswith(prefix) and name.endswith(".lock") and middle.isdigit()):
+                continue
+            path = os.path.join(self.jobs_dir, name)
+            if int(middle) in listed or job_lock_held(path):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
         for folder in (self.state_dir, self.jobs_dir):
             try:
                 names = os.listdir(folder)
