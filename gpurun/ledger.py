@@ -274,6 +274,7 @@ class Ledger:
         self.history_path = os.path.join(state_dir, f"{server}.history.jsonl")
         self.jobs_dir = os.path.join(state_dir, "jobs")
         self.logs_dir = os.path.join(state_dir, "logs")
+        self.checked = False
 
     def log_path(self, lease_id: int) -> str:
         """Where a detached job's output goes. The server's name is part of it because ids are
@@ -315,13 +316,60 @@ class Ledger:
                     folder, "exists and is not a folder; set state_dir to a folder path"
                 )
 
+    def check_trusted(self) -> None:
+        """Refuse a state dir that another user could use to redirect gpurun's writes.
+
+        The state dir is often in /tmp, where anyone may create a folder or a symbolic link
+        under the name gpurun will use. So the state dir, `jobs/` and `logs/` must not be
+        symbolic links, and a state dir owned by another user (not root) must not be
+        writable by every user without the sticky bit: its owner could swap what is in it at
+        will. The files in it are opened with O_NOFOLLOW. Checked once per Ledger, before
+        its first change.
+        """
+        if self.checked:
+            return
+        import stat
+
+        for folder in (self.state_dir, self.jobs_dir, self.logs_dir):
+            try:
+                info = os.lstat(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise LedgerError(
+                    folder, f"cannot look at the state folder: {exc.strerror}"
+                ) from None
+            if stat.S_ISLNK(info.st_mode):
+                target = os.path.realpath(folder)
+                raise LedgerError(
+                    folder,
+                    f"is a symbolic link (to {target}); gpurun refuses to follow one in the "
+                    "state folder, where another user could point it anywhere; set state_dir "
+                    "to the real folder, or remove the link",
+                )
+            mine = info.st_uid in (0, os.geteuid())
+            if folder == self.state_dir and not mine and info.st_mode & 0o1002 == 0o002:
+                owner = _user_of(info.st_uid)
+                raise LedgerError(
+                    folder,
+                    f"is owned by {owner} and every user may write it without the sticky "
+                    f"bit, so {owner} could redirect gpurun's writes; ask root to move it "
+                    f"aside and make it ('install -d -m 0777 {folder}' as root), or set "
+                    "state_dir to a folder you or root own",
+                )
+        self.checked = True
+
     def read(self) -> State:
         """Read the ledger without the lock (a consistent snapshot, thanks to rename)."""
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return State([], 1, 0.0)
+        except OSError as exc:
+            raise LedgerError(self.path, _open_problem(exc, "the ledger")) from None
+        try:
+            with open(fd, "rb") as f:
+                data = f.read()
         except OSError as exc:
             raise LedgerError(self.path, f"cannot read the ledger: {exc.strerror}") from None
         return self._parse(data)
@@ -558,6 +606,7 @@ class Ledger:
 
     def lock(self) -> int:
         """Take the ledger lock, waiting up to lock_timeout; return the descriptor to unlock."""
+        self.check_trusted()
         fd = self._open_lock_file()
         began = time.monotonic()
         deadline = began + self.lock_timeout
@@ -593,10 +642,7 @@ class Ledger:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise LedgerError(
-                    self.lock_path,
-                    f"cannot open the lock: {exc.strerror}; check the state folder's permissions",
-                ) from None
+                raise LedgerError(self.lock_path, _open_problem(exc, "the lock")) from None
             try:
                 create_shared_file(self.lock_path)
             except FileNotFoundError:
@@ -714,6 +760,28 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(self.path, f"cannot move the ledger aside: {exc.strerror}") from None
         return aside
+
+
+def _open_problem(exc: OSError, what: str) -> str:
+    """Why `what` in the state dir cannot be opened, and what to do about it."""
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return (
+            f"{what} is a symbolic link; gpurun never follows one in the state folder, where "
+            "another user could point it at any file; remove the link ('gpurun reset' moves "
+            "a ledger aside)"
+        )
+    return f"cannot open {what}: {exc.strerror}; check the state folder's permissions"
+
+
+def _user_of(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def crash_at(point: str) -> None:

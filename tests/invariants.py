@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 
@@ -46,7 +47,7 @@ def overlaps(jobs: dict[int, dict]) -> list[str]:
     found = []
     for resource, spans in sorted(by_resource.items()):
         spans.sort()
-        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        for (_, end_a, a), (start_b, _, b) in pairwise(spans):
             if start_b < end_a:
                 found.append(f"jobs {a} and {b} both ran on {resource} at {start_b:.3f}")
     return found
@@ -91,7 +92,7 @@ def check(
         name
         for folder in (state_dir, state_dir / "jobs")
         for name in os.listdir(folder)
-        if name.startswith(".") or name.endswith(".lock") and folder.name == "jobs"
+        if name.startswith(".") or (name.endswith(".lock") and folder.name == "jobs")
     ]
     if left:
         violations.append(f"files left in the state dir: {sorted(left)[:10]}")
