@@ -541,7 +541,12 @@ def wait_for_jobs(config: Config, ids: list[int]) -> int:
 
     results = ledger.finished_jobs(set(ids))
     for lease_id in ids:
-        code = results.get(lease_id, {}).get("exit_code")
-        if code != 0:
-            return code if isinstance(code, int) else 125
+        record = results.get(lease_id, {})
+        code = record.get("exit_code")
+        if isinstance(code, int) and code != 0:
+            return code
+        if code is None:
+            how = record.get("state") or "without a record in history"
+            reason = f" ({record['reason']})" if record.get("reason") else ""
+            raise GpurunError(f"job {lease_id} ended {how}{reason}, so it has no exit code")
     return 0

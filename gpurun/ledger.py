@@ -188,7 +188,16 @@ class State:
     finished: history records of the jobs this change ends (see `finish`).
     """
 
-    __slots__ = ("boot", "changed", "finished", "heartbeat", "inventory", "leases", "next_id")
+    __slots__ = (
+        "boot",
+        "changed",
+        "finished",
+        "heartbeat",
+        "inventory",
+        "leases",
+        "next_id",
+        "schema",
+    )
 
     def __init__(
         self,
@@ -205,6 +214,8 @@ class State:
         self.inventory = inventory
         self.changed = False
         self.finished: list[dict[str, object]] = []
+        # The schema the ledger was read in; an older one is upgraded, and said so, on write.
+        self.schema = SCHEMA
 
     def finish(self, record: dict[str, object]) -> None:
         """Record a job that this change takes out of the ledger in history.
@@ -377,7 +388,8 @@ class Ledger:
     def _parse(self, data: bytes) -> State:
         try:
             doc = json.loads(data)
-            if not isinstance(doc, dict) or not isinstance(doc.get("schema"), int):
+            version = doc.get("schema") if isinstance(doc, dict) else None
+            if not isinstance(version, int) or isinstance(version, bool):
                 raise ValueError("it has no schema version")
             schema = doc["schema"]
             if schema > SCHEMA:
@@ -406,7 +418,9 @@ class Ledger:
                 f"the ledger cannot be read ({str(exc)[:120]}); nothing was changed; run "
                 "'gpurun reset' to move it aside and start a new one",
             ) from None
-        return State(leases, max(next_id, 1), heartbeat, boot, inventory)
+        state = State(leases, max(next_id, 1), heartbeat, boot, inventory)
+        state.schema = schema
+        return state
 
     def transaction(self, block: tuple[int, ...] = ()) -> Transaction:
         """`with ledger.transaction() as state:` read-modify-write under the lock.
@@ -433,6 +447,16 @@ class Ledger:
             ) from None
         if _CRASH_AT:
             crash_at("after-rename")
+        if state.schema < SCHEMA:
+            log.warning(
+                "%s: upgraded the ledger from schema %d to %d (its old content is in the new "
+                "one); a gpurun older than this one, on any host sharing it, now refuses it: "
+                "upgrade those too",
+                self.path,
+                state.schema,
+                SCHEMA,
+            )
+            state.schema = SCHEMA
 
     def write_temp(self, state: State) -> str:
         """Write the state to a temporary file beside the ledger, fsynced; return its path."""
