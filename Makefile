@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test bench lint format clean
+.PHONY: help install demo test stress bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ demo: $(STAMP)  ## run three real jobs on the sample config's 4 declared GPUs
 
 test: $(STAMP)  ## run the whole test suite
 	$(BIN)/pytest -q
+
+stress: $(STAMP)  ## 300 jobs with random kills for about 2 minutes, then the invariant checker's verdict
+	$(BIN)/python tests/stress.py --jobs 300 --seconds 120 --gpus 8
 
 bench: $(STAMP)  ## measure the figures in bench/ against their goals
 	$(BIN)/python bench/run.py

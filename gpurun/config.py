@@ -504,8 +504,12 @@ def _read_yaml(path: str) -> tuple[dict[str, object], dict[str, int]]:
             "$GPURUN_CONFIG",
         ) from None
 
-    loader = Loader(text)
+    # Everything PyYAML does with the text is inside the try: its reader checks the
+    # characters when the loader is made, and constructors of values such as a timestamp
+    # ("2001-13-45") raise ValueError rather than a YAMLError.
+    loader = None
     try:
+        loader = Loader(text)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
@@ -515,8 +519,11 @@ def _read_yaml(path: str) -> tuple[dict[str, object], dict[str, int]]:
         raise ConfigError(path, f"not valid YAML: {problem}", line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, f"not valid YAML: {exc}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ConfigError(path, f"not valid YAML: a value cannot be read ({exc})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
     if data is None:
         return {}, {}

@@ -177,6 +177,7 @@ def _state_dir_report(
         "path": path,
         "exists": os.path.exists(path),
         "mode": None,
+        "owner": None,
         "shared": None,
         "writable": None,
         "filesystem": fstype,
@@ -186,8 +187,10 @@ def _state_dir_report(
     }
 
     if os.path.isdir(path):
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        info = os.stat(path)
+        mode = stat.S_IMODE(info.st_mode)
         report["mode"] = f"{mode:04o}"
+        report["owner"] = _user_of(info.st_uid)
         report["shared"] = _is_shared(mode)
         report["writable"] = os.access(path, os.W_OK | os.X_OK)
         for folder in (path, os.path.join(path, "jobs"), os.path.join(path, "logs")):
@@ -231,6 +234,15 @@ def _is_shared(mode: int) -> bool:
     """Every user may create and rename files in it: rwx for all and no sticky bit (a sticky
     folder lets only a file's owner rename over it, and the ledger is replaced by rename)."""
     return mode & 0o777 == 0o777 and not mode & stat.S_ISVTX
+
+
+def _user_of(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _check_shared(folder: str, problems: list[str]) -> None:
@@ -457,6 +469,7 @@ def doctor_text(report: dict[str, object]) -> str:
     if state["exists"]:
         facts = [
             f"mode {state['mode']}",
+            f"owner {state['owner']}",
             "shared" if state["shared"] else "not shared",
             "writable" if state["writable"] else "not writable",
         ]

@@ -114,6 +114,8 @@ def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, obj
         ledger.ensure_dirs()
         with ledger.transaction() as state:
             dead = reap_dead(ledger, state, now)
+            for path in ledger.remove_leftovers(state):
+                log.info("removed %s, left by a gpurun killed while writing", path)
             # Written even when nothing died: the write stamps this host's heartbeat, which
             # other hosts read to tell a quiet server from a stale one.
             state.changed = True
@@ -601,7 +603,12 @@ def wait_for_jobs(config: Config, ids: list[int]) -> int:
 
     results = ledger.finished_jobs(set(ids))
     for lease_id in ids:
-        code = results.get(lease_id, {}).get("exit_code")
-        if code != 0:
-            return code if isinstance(code, int) else 125
+        record = results.get(lease_id, {})
+        code = record.get("exit_code")
+        if isinstance(code, int) and code != 0:
+            return code
+        if code is None:
+            how = record.get("state") or "without a record in history"
+            reason = f" ({record['reason']})" if record.get("reason") else ""
+            raise GpurunError(f"job {lease_id} ended {how}{reason}, so it has no exit code")
     return 0

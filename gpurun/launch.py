@@ -621,16 +621,16 @@ def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> L
 def _release(
     ledger: Ledger, config: Config, lease: Lease, lock_fd: int, code: int
 ) -> dict[str, object]:
-    """Remove the lease, place the jobs that can start now, append the job to history and
-    drop the job lock; return the history record."""
+    """Remove the lease and append the job to history in one change, place the jobs that can
+    start now, drop the job lock; return the history record."""
     record = finished_record(lease, ledger.server, time.time(), code, "exited")
     outside = busy_outside(config, 0.0)
     try:
         with ledger.transaction() as state:
-            # Recorded even if a forced reset dropped the lease: the job did run and end.
-            state.remove(lease.id)
-            state.finished.append(record)
-            state.changed = True
+            # Recorded even if a forced reset dropped the lease (the job did run and end),
+            # but never twice.
+            if state.remove(lease.id) is not None or not ledger.finished_jobs({lease.id}):
+                state.finished.append(record)
             place_admitted(state, config, time.time(), _Dependencies(ledger, state), outside)
     except LedgerError as exc:
         log.warning(
@@ -638,6 +638,10 @@ def _release(
             lease.id,
             exc,
         )
+        # No one reaps the lease while this gpurun holds the job lock, so the record cannot
+        # be written twice; the reaper finds it and adds none.
+        if not ledger.finished_jobs({lease.id}):
+            ledger.append_history([record])
     log.info("job %d ended with %d; its lease is freed", lease.id, code)
     os.close(lock_fd)
     _unlink(ledger.job_lock_path(lease.id))
@@ -690,7 +694,9 @@ def _new_job(ledger: Ledger, state: State) -> tuple[int, int]:
             )
         except OSError as exc:
             raise LedgerError(
-                ledger.job_lock_path(lease_id), f"cannot create the job lock: {exc.strerror}"
+                ledger.job_lock_path(lease_id),
+                f"cannot create the job lock ({exc.strerror}); the ledger was left as it was; "
+                "free space or fix the state folder's permissions",
             ) from None
     raise LedgerError(
         ledger.jobs_dir,

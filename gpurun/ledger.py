@@ -34,6 +34,18 @@ from gpurun.placement import Request
 log = get_logger(__name__)
 
 SCHEMA = 3
+NAMES_LOCK = ".names.json.lock"
+
+# Test-only: GPURUN_CRASH_AT=POINT[:N] makes gpurun kill itself with SIGKILL the Nth time
+# (default the first) it reaches that step of a ledger change, as a power cut or an OOM kill
+# would (tests/test_crash.py). The points: "locked" (lock taken, nothing written),
+# "temp-partial" (half the new ledger in the temporary file), "temp-written" (all of it, not
+# yet fsynced), "before-rename" (fsynced) and "after-rename" (the new ledger in place, the
+# lock still held). A launch makes three changes: place, record the command, release. It is
+# read once here, so a launch pays one environment lookup for it.
+CRASH_POINTS = ("locked", "temp-partial", "temp-written", "before-rename", "after-rename")
+_CRASH_AT = os.environ.get("GPURUN_CRASH_AT")
+_crash_count = [0]
 
 _HolderBase = namedtuple("_HolderBase", "pid start role")
 _LeaseBase = namedtuple(
@@ -184,10 +196,19 @@ class State:
 
     heartbeat: when the server's own host last wrote it (0 if never); boot: that host's boot
     id; inventory: {"gpus": [...], "cpus": [...]} as that host last saw them, or None;
-    finished: history records of leases this transaction ended (see `finish`).
+    finished: history records of the jobs this change ends (see `finish`).
     """
 
-    __slots__ = ("boot", "changed", "finished", "heartbeat", "inventory", "leases", "next_id")
+    __slots__ = (
+        "boot",
+        "changed",
+        "finished",
+        "heartbeat",
+        "inventory",
+        "leases",
+        "next_id",
+        "schema",
+    )
 
     def __init__(
         self,
@@ -204,6 +225,8 @@ class State:
         self.inventory = inventory
         self.changed = False
         self.finished: list[dict[str, object]] = []
+        # The schema the ledger was read in; an older one is upgraded, and said so, on write.
+        self.schema = SCHEMA
 
     def add(self, lease: Lease) -> None:
         self.leases.append(lease)
@@ -311,6 +334,7 @@ class Ledger:
         self.history_path = os.path.join(state_dir, f"{server}.history.jsonl")
         self.jobs_dir = os.path.join(state_dir, "jobs")
         self.logs_dir = os.path.join(state_dir, "logs")
+        self.checked = False
 
     def log_path(self, lease_id: int) -> str:
         """Where a detached job's output goes. The server's name is part of it because ids are
@@ -351,26 +375,64 @@ class Ledger:
                 raise LedgerError(
                     folder, "exists and is not a folder; set state_dir to a folder path"
                 )
+        # The lock `alloc` takes for reservation names across servers (reservations.py),
+        # made with the folders so that a refused `alloc` leaves nothing new behind.
+        with contextlib.suppress(OSError):
+            create_shared_file(os.path.join(self.state_dir, NAMES_LOCK))
+
+    def check_trusted(self) -> None:
+        """Refuse a state dir that another user could use to redirect gpurun's writes.
+
+        The state dir is often in /tmp, where anyone may create a folder or a symbolic link
+        under the name gpurun will use. So the state dir, `jobs/` and `logs/` must not be
+        symbolic links, and the files in them are opened with O_NOFOLLOW. A state dir made by
+        another user's first gpurun is accepted: it is 0777, so every user could rewrite what
+        is in it anyway, and its owner has no power over it the others lack (the README's
+        trust model). Checked once per Ledger, before its first change.
+        """
+        if self.checked:
+            return
+        import stat
+
+        for folder in (self.state_dir, self.jobs_dir, self.logs_dir):
+            try:
+                info = os.lstat(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise LedgerError(
+                    folder, f"cannot look at the state folder: {exc.strerror}"
+                ) from None
+            if stat.S_ISLNK(info.st_mode):
+                target = os.path.realpath(folder)
+                raise LedgerError(
+                    folder,
+                    f"is a symbolic link (to {target}); gpurun refuses to follow one in the "
+                    "state folder, where another user could point it anywhere; set state_dir "
+                    "to the real folder, or remove the link",
+                )
+        self.checked = True
 
     def read(self) -> State:
         """Read the ledger without the lock (a consistent snapshot, thanks to rename)."""
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return State([], 1, 0.0)
         except OSError as exc:
-            raise LedgerError(
-                self.path,
-                f"cannot read the ledger: {exc.strerror}; check that state_dir "
-                f"({self.state_dir}) is a folder every user may read and write",
-            ) from None
+            raise LedgerError(self.path, _open_problem(exc, "the ledger")) from None
+        try:
+            with open(fd, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise LedgerError(self.path, f"cannot read the ledger: {exc.strerror}") from None
         return self._parse(data)
 
     def _parse(self, data: bytes) -> State:
         try:
             doc = json.loads(data)
-            if not isinstance(doc, dict) or not isinstance(doc.get("schema"), int):
+            version = doc.get("schema") if isinstance(doc, dict) else None
+            if not isinstance(version, int) or isinstance(version, bool):
                 raise ValueError("it has no schema version")
             schema = doc["schema"]
             if schema > SCHEMA:
@@ -399,7 +461,9 @@ class Ledger:
                 f"the ledger cannot be read ({str(exc)[:120]}); nothing was changed; run "
                 "'gpurun reset' to move it aside and start a new one",
             ) from None
-        return State(leases, max(next_id, 1), heartbeat, boot, inventory)
+        state = State(leases, max(next_id, 1), heartbeat, boot, inventory)
+        state.schema = schema
+        return state
 
     def transaction(self, block: tuple[int, ...] = ()) -> Transaction:
         """`with ledger.transaction() as state:` read-modify-write under the lock.
@@ -414,6 +478,8 @@ class Ledger:
         if self.owner and not self.named and not os.path.exists(self.path):
             self._refuse_twin()
         tmp = self.write_temp(state)
+        if _CRASH_AT:
+            crash_at("before-rename")
         try:
             os.rename(tmp, self.path)
         except OSError as exc:
@@ -422,6 +488,18 @@ class Ledger:
             raise LedgerError(
                 self.path, f"cannot replace the ledger ({exc.strerror}); it was left as it was"
             ) from None
+        if _CRASH_AT:
+            crash_at("after-rename")
+        if state.schema < SCHEMA:
+            log.warning(
+                "%s: upgraded the ledger from schema %d to %d (its old content is in the new "
+                "one); a gpurun older than this one, on any host sharing it, now refuses it: "
+                "upgrade those too",
+                self.path,
+                state.schema,
+                SCHEMA,
+            )
+            state.schema = SCHEMA
 
     def write_temp(self, state: State) -> str:
         """Write the state to a temporary file beside the ledger, fsynced; return its path."""
@@ -506,6 +584,62 @@ class Ledger:
                 ids.append(int(middle))
         return sorted(ids)
 
+    def remove_leftovers(self, state: State) -> list[str]:
+        """Delete what a gpurun killed halfway left behind; return the paths deleted.
+
+        That is temporary files (`.NAME.PID.tmp`, `.NAME.PID.new`) in the state dir and
+        `jobs/` whose pid is gone, so a write in progress (another server's, or a job lock
+        being made) is never touched and a pid we cannot see counts as alive; and job locks
+        of this server that no process holds and no lease in `state` names. None of them
+        ever blocks anyone (each writer has its own name, a free job lock is replaced); this
+        keeps the folder clean. Call it under the ledger lock, with the state it read.
+        """
+        from gpurun.liveness import job_lock_held, process_start
+
+        removed = []
+        listed = {lease.id for lease in state.leases}
+        prefix = f"{self.server}."
+        try:
+            names = os.listdir(self.jobs_dir)
+        except OSError:
+            names = []
+        for name in names:
+            middle = name[len(prefix) : -len(".lock")]
+            if not (name.startswith(prefix) and name.endswith(".lock") and middle.isdigit()):
+                continue
+            path = os.path.join(self.jobs_dir, name)
+            if int(middle) in listed or job_lock_held(path):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+        for folder in (self.state_dir, self.jobs_dir):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for name in names:
+                parts = name.rsplit(".", 2)
+                if not name.startswith(".") or len(parts) != 3 or parts[2] not in ("tmp", "new"):
+                    continue
+                if not parts[1].isdigit():
+                    continue
+                try:
+                    if process_start(int(parts[1])) is not None:
+                        continue
+                except PermissionError:
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        os.rmdir(path)
+                    else:
+                        os.unlink(path)
+                except OSError:
+                    continue
+                removed.append(path)
+        return removed
+
     def _write_temp(self, path: str, data: bytes) -> str:
         folder, name = os.path.split(path)
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
@@ -516,8 +650,13 @@ class Ledger:
             try:
                 os.fchmod(fd, 0o666)
                 view = memoryview(data)
+                if _CRASH_AT and _CRASH_AT.startswith("temp-partial"):
+                    view = view[os.write(fd, view[: len(view) // 2]) :]
+                    crash_at("temp-partial")
                 while view:
                     view = view[os.write(fd, view) :]
+                if _CRASH_AT:
+                    crash_at("temp-written")
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -534,6 +673,7 @@ class Ledger:
 
     def lock(self) -> int:
         """Take the ledger lock, waiting up to lock_timeout; return the descriptor to unlock."""
+        self.check_trusted()
         fd = self._open_lock_file()
         began = time.monotonic()
         deadline = began + self.lock_timeout
@@ -569,10 +709,7 @@ class Ledger:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise LedgerError(
-                    self.lock_path,
-                    f"cannot open the lock: {exc.strerror}; check the state folder's permissions",
-                ) from None
+                raise LedgerError(self.lock_path, _open_problem(exc, "the lock")) from None
             try:
                 create_shared_file(self.lock_path)
             except FileNotFoundError:
@@ -692,6 +829,29 @@ class Ledger:
         return aside
 
 
+def _open_problem(exc: OSError, what: str) -> str:
+    """Why `what` in the state dir cannot be opened, and what to do about it."""
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return (
+            f"{what} is a symbolic link; gpurun never follows one in the state folder, where "
+            "another user could point it at any file; remove the link ('gpurun reset' moves "
+            "a ledger aside)"
+        )
+    return f"cannot open {what}: {exc.strerror}; check the state folder's permissions"
+
+
+def crash_at(point: str) -> None:
+    """Die by SIGKILL here if GPURUN_CRASH_AT names this point and count (see CRASH_POINTS)."""
+    name, _, count = _CRASH_AT.partition(":")
+    if point != name:
+        return
+    _crash_count[0] += 1
+    if _crash_count[0] >= (int(count) if count.isdigit() else 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def create_shared_file(path: str) -> None:
     """Create an empty file that every user may open for reading and writing (mode 0666).
 
@@ -774,6 +934,8 @@ class Transaction:
 
     def __enter__(self) -> State:
         self.fd = self.ledger.lock()
+        if _CRASH_AT:
+            crash_at("locked")
         if self.block:
             # Taken only once the lock is held, so Ctrl-C still ends a wait for the lock.
             signal.pthread_sigmask(signal.SIG_BLOCK, self.block)
@@ -786,9 +948,11 @@ class Transaction:
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         try:
-            if kind is None and self.state is not None and self.state.changed:
-                self.ledger.append_history(self.state.finished)
-                self.ledger.write(self.state)
+            if kind is None and self.state is not None:
+                if self.state.finished:
+                    self.ledger.append_history(self.state.finished)
+                if self.state.changed:
+                    self.ledger.write(self.state)
         finally:
             os.close(self.fd)
 

@@ -28,7 +28,7 @@ from gpurun.launch import (
     reap_dead,
     run_reserved,
 )
-from gpurun.ledger import Lease, Ledger, State
+from gpurun.ledger import NAMES_LOCK, Lease, Ledger, State
 from gpurun.placement import Request, check_limits, check_possible, place
 
 
@@ -70,7 +70,8 @@ def allocate(
     lock of the whole state dir, `.names.json.lock`, taken before any ledger's lock (and
     never after one, so the two cannot deadlock).
     """
-    names = Ledger(config.state_dir, ".names", config.lock_timeout)
+    # A Ledger named ".names" (no server may be: names cannot start with a dot) for its lock.
+    names = Ledger(config.state_dir, NAMES_LOCK.removesuffix(".json.lock"), config.lock_timeout)
     names.ensure_dirs()
     fd = names.lock()
     try:

@@ -145,3 +145,84 @@ def gpurun(tmp_path: Path):
     g = Gpurun(tmp_path)
     yield g
     g.cleanup()
+
+
+class Users:
+    """Other users of the host, each running gpurun from a venv every user can read."""
+
+    def __init__(self, root: Path, python: str) -> None:
+        self.root = root
+        self.python = python
+
+    def command(self, uid: int, *args: str, umask: int = 0o077) -> list[str]:
+        """The argv that runs `gpurun ARGS` as `uid` (0 for root) with `umask`."""
+        prefix = [] if uid == 0 else ["setpriv", f"--reuid={uid}", f"--regid={uid}"]
+        prefix += ["--clear-groups"] if uid else []
+        shell = f'umask {umask:03o}; exec "$@"'
+        return [*prefix, "sh", "-c", shell, "sh", self.python, "-m", "gpurun", *args]
+
+    def run(self, uid: int, config: Path, *args: str, umask: int = 0o077, **kwargs):
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/", "GPURUN_CONFIG": str(config)}
+        kwargs.setdefault("timeout", 60)
+        return subprocess.run(
+            self.command(uid, *args, umask=umask), env=env, capture_output=True, text=True, **kwargs
+        )
+
+
+@pytest.fixture(scope="session")
+def users():
+    """Run gpurun as other users. Their Python is /usr/bin/python3 (the default interpreter
+    may live under root's private home) in a venv readable to all, with this gpurun copied
+    in and the system's PyYAML; skips with the reason where that cannot be had."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("acting as other users needs root")
+    if not os.path.exists("/usr/bin/python3") or not shutil.which("setpriv"):
+        pytest.skip("needs /usr/bin/python3 and setpriv to act as other users")
+    root = Path(tempfile.mkdtemp(prefix="gpurun-users-"))
+    venv = root / "venv"
+    made = subprocess.run(
+        ["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        shutil.rmtree(root)
+        pytest.skip(f"cannot make a venv from /usr/bin/python3: {made.stderr.strip()[-200:]}")
+    python = str(venv / "bin" / "python")
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    shutil.copytree(HERE.parent / "gpurun", Path(site) / "gpurun")
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    check = subprocess.run(
+        Users(root, python).command(65534, "--version"), capture_output=True, text=True
+    )
+    if check.returncode != 0:
+        shutil.rmtree(root)
+        pytest.skip(f"another user cannot run gpurun here: {check.stderr.strip()[-200:]}")
+    yield Users(root, python)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def protected_regular():
+    """fs.protected_regular=1 as on most distributions, restored afterwards."""
+    path = "/proc/sys/fs/protected_regular"
+    try:
+        with open(path) as f:
+            before = f.read().strip()
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as exc:
+        pytest.skip(f"cannot set fs.protected_regular: {exc.strerror}")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(before)

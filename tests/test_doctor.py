@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -58,7 +59,10 @@ def test_fresh_state_dir_is_shared_writable_and_local(gpurun):
     assert report["gpus"] == [0, 1, 2, 3]
     assert report["problems"] == []
     text = doctor_text(report)
-    assert f"state dir: {gpurun.state_dir} (mode 0777, shared, writable," in text
+    assert (
+        f"state dir: {gpurun.state_dir} (mode 0777, owner {getpass.getuser()}, shared, writable,"
+        in text
+    )
     assert "GPUs: 0,1,2,3" in text.splitlines()
     assert "no problems found" in text.splitlines()
 

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from gpurun.cli import main
+from gpurun.ledger import SCHEMA
 
 
 def one_error_line(stderr: str) -> str:
@@ -152,13 +153,58 @@ def test_ledger_from_a_newer_gpurun_is_refused_not_rewritten(gpurun):
     doc = json.loads(ledger.read_text())
     doc["schema"] = 99
     ledger.write_text(json.dumps(doc))
+    before = tree_digest(gpurun.state_dir)
+
+    results = [
+        gpurun.run(*argv)
+        for argv in (["-g", "1", "--", "true"], ["ps"], ["gc"], ["status"], ["kill", "1"])
+    ]
+    results.append(gpurun.run("alloc", "box", "-g", "1"))
+
+    for result in results:
+        assert result.returncode == 125
+        line = one_error_line(result.stderr)
+        assert f"newer gpurun (schema 99; this one reads up to {SCHEMA})" in line
+        assert "upgrade gpurun" in line
+    assert tree_digest(gpurun.state_dir) == before
+
+
+def test_ledger_from_an_older_gpurun_is_read_and_upgraded_out_loud(gpurun):
+    # A schema 1 ledger (gpurun 0.1) lacks the fields from `request` on.
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    ledger = gpurun.ledger_path()
+    lease = {
+        "id": 2,
+        "kind": "reservation",
+        "state": "running",
+        "name": "old",
+        "user": "root",
+        "uid": 0,
+        "host": "h",
+        "gpus": [3],
+        "cpus": [],
+        "command": [],
+        "created": 1.0,
+        "started": 1.0,
+        "holders": [],
+        "boot": "",
+        "expires": None,
+    }
+    ledger.write_text(json.dumps({"schema": 1, "next_id": 3, "leases": [lease]}))
     before = ledger.read_bytes()
 
-    result = gpurun.run("-g", "1", "--", "true")
+    listed = gpurun.ps()
+    unchanged = ledger.read_bytes()
+    written = gpurun.run("-g", "1", "--", "true")
 
-    assert result.returncode == 125
-    assert "newer gpurun" in one_error_line(result.stderr)
-    assert ledger.read_bytes() == before
+    assert [job["name"] for job in listed] == ["old"]
+    assert unchanged == before
+    assert written.returncode == 0
+    line = one_error_line(written.stderr)
+    assert f"upgraded the ledger from schema 1 to {SCHEMA}" in line and "upgrade those too" in line
+    doc = json.loads(ledger.read_text())
+    assert doc["schema"] == SCHEMA and [lease["name"] for lease in doc["leases"]] == ["old"]
+    assert gpurun.run("-g", "1", "--", "true").stderr == ""
 
 
 def test_reset_moves_a_corrupt_ledger_aside(gpurun):

@@ -1,0 +1,234 @@
+"""Hostile input, generated: config text, ledger content and command-line values.
+
+Whatever hypothesis makes up, gpurun (called in-process through `cli.main`) never shows a
+traceback, exits with a documented code, says why in one `gpurun: ` line when it fails, and a
+failed command changes nothing on disk. Example counts are small so the file runs in seconds;
+the commands that start processes are left to the tests that use real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import string
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_errors import tree_digest
+
+from gpurun.cli import main
+
+DOCUMENTED = {0, 1, 2, 75, 125, 126, 127, 130}
+FAST = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A config and state dir in tmp_path, for in-process runs."""
+    config = tmp_path / "gpurun.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\ngpus: 4\ncpus: auto\nlock_timeout: 2\n")
+    monkeypatch.setenv("GPURUN_CONFIG", str(config))
+    monkeypatch.setenv("GPURUN_SERVER", "prop")
+    monkeypatch.delenv("GPURUN_STATE_DIR", raising=False)
+    monkeypatch.delenv("GPURUN_CRASH_AT", raising=False)
+    return tmp_path
+
+
+def call(*argv: str) -> tuple[int, str]:
+    """Run `gpurun ARGV` in-process; return its exit code and what it wrote on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+
+def assert_clean(code: int, stderr: str, what: object) -> None:
+    assert code in DOCUMENTED, (code, what, stderr)
+    assert "Traceback" not in stderr and "internal error" not in stderr, (what, stderr)
+    if code not in (0, 1):
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gpurun: "), (what, stderr)
+
+
+KEYS = st.sampled_from(
+    [
+        "gpus",
+        "cpus",
+        "cpus_per_gpu",
+        "lock_timeout",
+        "kill_grace",
+        "stale_after",
+        "limits",
+        "label_limits",
+        "servers",
+        "on_finish",
+        "colour",
+    ]
+)
+SCALARS = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(string.printable, max_size=12),
+    st.sampled_from(["auto", "0-3", "0,1", "16:31", "[0, 1]", "{a: 1}", "~", "- x", "!!binary"]),
+)
+
+
+@FAST
+@given(
+    st.one_of(
+        st.dictionaries(KEYS, SCALARS, max_size=4).map(
+            lambda d: "".join(f"{k}: {v}\n" for k, v in d.items())
+        ),
+        st.text(max_size=80),
+    )
+)
+def test_any_config_text_gives_a_clear_answer(home, text):
+    (home / "gpurun.yaml").write_text(text)
+
+    for argv in (["ps"], ["status"], ["gc", "--dry-run"]):
+        code, stderr = call(*argv)
+
+        assert code in (0, 125), (text, argv, stderr)
+        assert_clean(code, stderr, text)
+    assert not (home / "state").exists() or code == 0
+
+
+LEASE_FIELDS = {
+    "id": st.integers(-2, 2**64),
+    "kind": st.sampled_from(["job", "reservation", "other"]),
+    "state": st.sampled_from(["running", "waiting", "dead"]),
+    "gpus": st.lists(st.integers(-1, 9), max_size=3),
+    "cpus": st.lists(st.integers(-1, 3), max_size=2),
+    "holders": st.lists(
+        st.fixed_dictionaries(
+            {"pid": st.integers(2**22, 2**30), "start": st.integers(0, 9), "role": st.text()}
+        ),
+        max_size=2,
+    ),
+    "created": st.one_of(st.floats(), st.integers(), st.none()),
+    "expires": st.one_of(st.floats(), st.none()),
+    "request": st.one_of(st.none(), st.dictionaries(st.text(max_size=4), st.integers())),
+}
+JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+def valid_lease(lease_id: int) -> dict:
+    return {
+        "id": lease_id,
+        "kind": "job",
+        "state": "running",
+        "name": "x",
+        "user": "u",
+        "uid": 0,
+        "host": "h",
+        "gpus": [lease_id % 4],
+        "cpus": [],
+        "command": ["x"],
+        "created": 1.0,
+        "started": 1.0,
+        "holders": [],
+        "boot": "another-boot",
+        "expires": None,
+    }
+
+
+@FAST
+@given(
+    st.one_of(
+        st.tuples(
+            st.just("lease"),
+            st.lists(st.tuples(st.sampled_from(sorted(LEASE_FIELDS)), st.data()), max_size=3),
+        ),
+        st.tuples(st.just("leases"), JSON),
+        st.tuples(st.just("bytes"), st.binary(max_size=60)),
+    ),
+    st.one_of(st.sampled_from([1, 2, 3, 0, -1, True, "2", None]), JSON),
+)
+def test_any_ledger_content_gives_a_clear_answer_and_a_failure_changes_nothing(
+    home, content, schema
+):
+    state = home / "state"
+    state.mkdir(exist_ok=True)
+    ledger = state / "prop.json"
+    kind, value = content
+    if kind == "bytes":
+        ledger.write_bytes(value)
+    elif kind == "lease":
+        lease = valid_lease(1)
+        for field, data in value:
+            lease[field] = data.draw(LEASE_FIELDS[field])
+        doc = {"schema": schema, "next_id": 2, "leases": [lease, valid_lease(2)]}
+        ledger.write_text(json.dumps(doc))
+    else:
+        ledger.write_text(json.dumps({"schema": schema, "next_id": 1, "leases": value}))
+
+    for argv in (["ps", "-a"], ["status", "--detail"], ["gc"], ["release", "x"], ["wait", "1"]):
+        before = tree_digest(state)
+
+        code, stderr = call(*argv)
+
+        assert_clean(code, stderr, (content, argv))
+        if code != 0:
+            assert tree_digest(state) == before, (content, argv, stderr)
+        else:
+            json.loads(ledger.read_bytes())
+
+
+TOKENS = st.one_of(
+    st.sampled_from(
+        [
+            "-g",
+            "-c",
+            "-s",
+            "-a",
+            "-f",
+            "--json",
+            "--dry-run",
+            "--detail",
+            "--server",
+            "--ttl",
+            "--yes",
+            "--force",
+            "--all",
+            "--config",
+            "-v",
+            "1",
+            "0",
+            "-1",
+            "99999999999999999999",
+            "auto",
+            "TERM",
+            "1e9",
+            "nan",
+            "",
+        ]
+    ),
+    st.text(max_size=10),
+)
+COMMANDS = st.sampled_from(
+    ["ps", "gc", "status", "kill", "alloc", "release", "wait", "logs", "doctor", "reset"]
+)
+
+
+@FAST
+@given(COMMANDS, st.lists(TOKENS, max_size=5))
+def test_any_command_line_gives_a_clear_answer_and_a_failure_changes_nothing(home, command, tokens):
+    state = home / "state"
+    before = tree_digest(state)
+
+    code, stderr = call(command, *tokens)
+
+    assert_clean(code, stderr, (command, tokens))
+    if code != 0:
+        assert tree_digest(state) == before, (command, tokens, stderr)
