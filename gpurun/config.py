@@ -37,12 +37,16 @@ KEYS = (
     "limits",
     "label_limits",
     "stale_after",
+    "backend",
+    "slurm_partition",
+    "slurm_account",
 )
+BACKENDS = ("local", "slurm")
 
 _ConfigBase = namedtuple(
     "_ConfigBase",
     "path state_dir server server_named gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish"
-    " servers entry chosen_by limits stale_after",
+    " servers entry chosen_by limits stale_after backend slurm_partition slurm_account",
 )
 
 
@@ -60,6 +64,9 @@ class Config(_ConfigBase):
     the top-level keys); chosen_by: how this server was picked, for `doctor`; limits: the
     per-job inventory.Limits for this server; stale_after: seconds after which another
     server's ledger heartbeat counts as stale.
+
+    backend: "local" (gpurun runs jobs itself) or "slurm" (it hands them to srun and sbatch);
+    slurm_partition, slurm_account: passed to Slurm as --partition and --account, or None.
     """
 
     __slots__ = ()
@@ -89,7 +96,12 @@ def load_config(explicit: str | None = None, server: str | None = None) -> Confi
     lines: dict[str, int] = {}
     if path is not None:
         raw, lines = _read_yaml(path)
-    return build_config(raw, path or "", lines, server)
+    config = build_config(raw, path or "", lines, server)
+    if "SLURM_JOB_ID" in os.environ:
+        from gpurun.slurm import inside_allocation
+
+        config = inside_allocation(config)
+    return config
 
 
 def build_config(
@@ -169,6 +181,16 @@ def build_config(
     if not _is_number(stale_after) or stale_after <= 0:
         raise fail("stale_after", f"must be a duration above 0, not {_yaml(stale_after)}")
 
+    backend = raw.get("backend", "local")
+    if backend not in BACKENDS:
+        raise fail("backend", f"must be 'local' or 'slurm', not {_yaml(backend)}")
+    slurm = {}
+    for key in ("slurm_partition", "slurm_account"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not _is_slurm_word(value)):
+            raise fail(key, f"must be a Slurm {key[6:]} name, not {_yaml(value)}")
+        slurm[key] = value
+
     return Config(
         path=path,
         state_dir=state_dir,
@@ -185,6 +207,8 @@ def build_config(
         chosen_by=chosen_by,
         limits=limits,
         stale_after=float(stale_after),
+        backend=backend,
+        **slurm,
     )
 
 
@@ -281,6 +305,10 @@ def _is_name(text: str) -> bool:
         and text[0] != "."
         and all(c.isascii() and (c.isalnum() or c in "._-") for c in text)
     )
+
+
+def _is_slurm_word(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in text)
 
 
 def _is_int(value: object) -> bool:
