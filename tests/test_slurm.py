@@ -266,7 +266,8 @@ def test_an_unknown_partition_is_refused_with_slurms_reason(slurm):
 
 def test_squeue_json_and_format_agree(slurm):
     submitted = slurm.run(
-        "--backend", "slurm", "-c", "1", "-d", "--", "sh", "-c", "sleep 300", str(slurm.tmp)
+        "--backend", "slurm", "-c", "1", "-d", "--", "sh", "-c", "sleep 300", str(slurm.tmp),
+        cwd=slurm.tmp,
     )  # fmt: skip
     job = int(submitted.stdout)
     from gpurun import slurm as backend
