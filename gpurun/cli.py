@@ -44,12 +44,12 @@ EXIT_INTERRUPTED = 130
 USAGE = """\
 usage: gpurun [run] [-g N] [-c N] [--gpu-ids IDS] [-n NAME] [--no-wait] [--timeout S]
                     [-d] [--time LIMIT] [--priority N] [--after IDS | --after-any IDS]
-                    [-r RESERVATION] -- COMMAND
-       gpurun ps [-a] [--json]
+                    [-r RESERVATION] [--backend local|slurm] -- COMMAND
+       gpurun ps [-a] [--json] [--backend local|slurm]
        gpurun gc [--dry-run] [--json]
        gpurun status [--detail] [--server NAME] [--json]
-       gpurun kill JOB [-s SIGNAL] [--json]
-       gpurun logs JOB [-f]
+       gpurun kill JOB [-s SIGNAL] [--json] [--backend local|slurm]
+       gpurun logs JOB [-f] [--backend local|slurm]
        gpurun wait JOB...
        gpurun alloc NAME [-g N] [-c N] [--server NAME|auto] [--ttl DURATION] [--json]
        gpurun release NAME|ID [--server NAME] [--json]
@@ -163,6 +163,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=("local", "slurm"),
+        help="run here (local) or hand the job to Slurm (default: the config's 'backend')",
+    )
+
+
 def _server_name(text: str) -> str:
     from gpurun.inventory import is_name
 
@@ -231,6 +239,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             metavar="IDS",
             help="start once these jobs ended, however they ended",
         )
+        _backend(p)
         _common(p)
         p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
         return p
@@ -238,6 +247,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p = _Parser(prog="gpurun ps", description="List live jobs.")
         p.add_argument("-a", "--all", action="store_true", help="also finished jobs")
         p.add_argument("--json", action="store_true", help="print JSON")
+        _backend(p)
     elif command == "gc":
         p = _Parser(prog="gpurun gc", description="Drop leases whose processes are gone.")
         p.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
@@ -296,10 +306,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "followed by KILL after kill_grace)",
         )
         p.add_argument("--json", action="store_true", help="print JSON")
+        _backend(p)
     elif command == "logs":
         p = _Parser(prog="gpurun logs", description="Show a detached job's output.")
         p.add_argument("job", help="job id or name")
         p.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+        _backend(p)
     elif command == "wait":
         p = _Parser(prog="gpurun wait", description="Wait for jobs to end.")
         p.add_argument(
@@ -424,12 +436,20 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             ",".join(map(str, config.gpus)) or "none",
             format_cpulist(config.cpus) or "none",
         )
+    backend = getattr(args, "backend", None) or config.backend
     if command == "run":
+        if backend == "slurm":
+            return _run_slurm(args, config)
         return _run(args, config)
     from gpurun import jobs, render
 
     if command == "ps":
         rows = jobs.list_jobs(config, include_finished=args.all)
+        if backend == "slurm":
+            from gpurun import slurm
+
+            rows = [dict(row, backend="local") for row in rows]
+            rows.extend(slurm.list_jobs(include_finished=args.all))
         print(render.to_json(rows) if args.json else render.jobs_table(rows))
     elif command == "gc":
         dropped = jobs.collect_garbage(config, dry_run=args.dry_run)
@@ -463,6 +483,14 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         report = diagnose(config)
         print(render.to_json(report) if args.json else doctor_text(report))
         return 1 if report["problems"] else 0
+    elif command == "kill" and (backend == "slurm" or args.job.startswith("slurm:")):
+        from gpurun import slurm
+
+        result = slurm.kill_job(args.job, jobs.parse_signal(args.signal))
+        if args.json:
+            print(render.to_json(result))
+        else:
+            print(f"Slurm job {result['id']}: sent {', '.join(result['signals'])} (scancel)")
     elif command == "kill":
         result = jobs.kill_job(config, args.job, jobs.parse_signal(args.signal))
         if args.json:
@@ -483,6 +511,10 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             result = jobs.reset_ledger(config, force=args.force, server=name)
             moved = result["moved_to"]
             print(f"new ledger {result['ledger']}" + (f"; the old one is {moved}" if moved else ""))
+    elif command == "logs" and (backend == "slurm" or args.job.startswith("slurm:")):
+        from gpurun import slurm
+
+        return slurm.show_log(args.job, follow=args.follow)
     elif command == "logs":
         return jobs.show_log(config, args.job, follow=args.follow)
     elif command == "wait":
@@ -539,6 +571,43 @@ def _run(args: argparse.Namespace, config: object) -> int:
         )
     except CommandError as exc:
         raise _with_hint(exc, args.command[0]) from None
+
+
+def _run_slurm(args: argparse.Namespace, config: object) -> int:
+    """Hand the job to Slurm: srun in the foreground, sbatch with -d."""
+    from gpurun import slurm
+
+    if not args.command:
+        raise UsageError(
+            "no command given; put it after --, as in 'gpurun -g 1 -- python train.py'"
+        )
+    for given, option in (
+        (args.gpu_ids is not None, "--gpu-ids"),
+        (args.reservation is not None, "-r"),
+        (args.priority != 0, "--priority"),
+    ):
+        if given:
+            raise UsageError(f"{option} is for local runs; Slurm chooses GPUs and orders its queue")
+    if args.detach and (args.no_wait or args.timeout is not None):
+        raise UsageError(
+            "-d queues the job and returns at once; it takes no --no-wait or --timeout"
+        )
+    comment = slurm.job_comment(args.command)
+    options = slurm.job_options(
+        gpus=args.gpus or 0,
+        cpus=args.cpus,
+        name=args.name or os.path.basename(args.command[0]),
+        time_limit=args.time,
+        after=args.after or args.after_any or (),
+        after_any=args.after_any is not None,
+        config=config,
+        comment=comment,
+    )
+    if args.detach:
+        print(slurm.submit(options, args.command, args.cpus))
+        return 0
+    wait = 0.0 if args.no_wait else args.timeout
+    return slurm.run_foreground(options, args.command, args.cpus, wait, comment)
 
 
 def _with_hint(exc: CommandError, word: str) -> CommandError:

@@ -43,14 +43,19 @@ KEYS = (
     "external_memory_mb",
     "sysfs_root",
     "nvidia_smi",
+    "backend",
+    "slurm_partition",
+    "slurm_account",
 )
 DEFAULT_EXTERNAL_MB = 1024
+BACKENDS = ("local", "slurm")
 
 _ConfigBase = namedtuple(
     "_ConfigBase",
     "path state_dir server server_named gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish"
     " servers entry chosen_by limits stale_after devices discovery topology visible_devices"
-    " external external_memory_mb sysfs_root nvidia_smi gpu_mask mask_form mask_note parent_job",
+    " external external_memory_mb sysfs_root nvidia_smi gpu_mask mask_form mask_note parent_job"
+    " backend slurm_partition slurm_account",
 )
 
 
@@ -77,6 +82,8 @@ class Config(_ConfigBase):
     "index" or "uuid", how it named them (and so how to export them); mask_note: what the
     mask named that this server does not have ("" if nothing); parent_job: the job id this
     gpurun runs inside ($GPURUN_JOB_ID), whose lease it subdivides, or None.
+    backend: "local" (gpurun runs jobs itself) or "slurm" (it hands them to srun and sbatch);
+    slurm_partition, slurm_account: passed to Slurm as --partition and --account, or None.
     """
 
     __slots__ = ()
@@ -106,7 +113,12 @@ def load_config(explicit: str | None = None, server: str | None = None) -> Confi
     lines: dict[str, int] = {}
     if path is not None:
         raw, lines = _read_yaml(path)
-    return build_config(raw, path or "", lines, server)
+    config = build_config(raw, path or "", lines, server)
+    if "SLURM_JOB_ID" in os.environ:
+        from gpurun.slurm import inside_allocation
+
+        config = inside_allocation(config)
+    return config
 
 
 def build_config(
@@ -242,6 +254,16 @@ def build_config(
     if not _is_number(stale_after) or stale_after <= 0:
         raise fail("stale_after", f"must be a duration above 0, not {_yaml(stale_after)}")
 
+    backend = raw.get("backend", "local")
+    if backend not in BACKENDS:
+        raise fail("backend", f"must be 'local' or 'slurm', not {_yaml(backend)}")
+    slurm = {}
+    for key in ("slurm_partition", "slurm_account"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not _is_slurm_word(value)):
+            raise fail(key, f"must be a Slurm {key[6:]} name, not {_yaml(value)}")
+        slurm[key] = value
+
     return Config(
         path=path,
         state_dir=state_dir,
@@ -270,6 +292,8 @@ def build_config(
         mask_form=mask_form,
         mask_note=mask_note,
         parent_job=parent[0] if parent else None,
+        backend=backend,
+        **slurm,
     )
 
 
@@ -370,6 +394,10 @@ def _is_name(text: str) -> bool:
         and text[0] != "."
         and all(c.isascii() and (c.isalnum() or c in "._-") for c in text)
     )
+
+
+def _is_slurm_word(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in text)
 
 
 def _is_int(value: object) -> bool:

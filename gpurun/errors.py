@@ -78,3 +78,12 @@ class Interrupted(GpurunError):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         super().__init__(f"interrupted by signal {signum} while waiting; nothing was reserved")
+
+
+class SlurmError(GpurunError):
+    """A Slurm command (srun, sbatch, squeue, scancel) failed; `reason` is Slurm's (exit 125)."""
+
+    def __init__(self, program: str, reason: str) -> None:
+        self.program = program
+        self.reason = reason
+        super().__init__(f"{program} failed: {reason}")

@@ -73,12 +73,12 @@ def jobs_table(jobs: list[dict[str, object]]) -> str:
     headers = ["ID", "NAME", "USER", "PID", "GPUS", "CPUS", "STATE", "ELAPSED", "COMMAND"]
     rows = [
         [
-            str(j["id"]),
+            f"slurm:{j['id']}" if j.get("backend") == "slurm" else str(j["id"]),
             str(j["name"]),
             str(j["user"]),
             str(j.get("pid") or "-"),
             _ids(j["gpus"]),
-            _cpus(j["cpus"]),
+            f"n={j['cpu_count']}" if j.get("cpu_count") else _cpus(j["cpus"]),
             _state(j),
             duration(j.get("elapsed")),
             _command(j),
