@@ -34,7 +34,7 @@ from gpurun.placement import Request
 log = get_logger(__name__)
 
 SCHEMA = 3
-NAMES_LOCK = ".names.json.lock"
+NAMES_LOCK = "names.lock"
 
 # Test-only: GPURUN_CRASH_AT=POINT[:N] makes gpurun kill itself with SIGKILL the Nth time
 # (default the first) it reaches that step of a ledger change, as a power cut or an OOM kill

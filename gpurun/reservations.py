@@ -67,11 +67,12 @@ def allocate(
 
     A reservation's name is unique across every server, so two hosts booking one name on
     two servers at once must not both see it free: the check and the write happen under a
-    lock of the whole state dir, `.names.json.lock`, taken before any ledger's lock (and
+    lock of the whole state dir, `names.lock`, taken before any ledger's lock (and
     never after one, so the two cannot deadlock).
     """
-    # A Ledger named ".names" (no server may be: names cannot start with a dot) for its lock.
-    names = Ledger(config.state_dir, NAMES_LOCK.removesuffix(".json.lock"), config.lock_timeout)
+    # A Ledger's lock, on a file no server's ledger uses (theirs end in .json.lock).
+    names = Ledger(config.state_dir, config.server, config.lock_timeout)
+    names.lock_path = os.path.join(config.state_dir, NAMES_LOCK)
     names.ensure_dirs()
     fd = names.lock()
     try:

@@ -620,7 +620,7 @@ def test_a_name_booked_on_two_servers_at_once_is_granted_once(gpurun):
         # The alloc on b waits for b's lock, so it has not written its name anywhere yet.
         wait_for(lambda: holds_open(slow, lock_path), what="the alloc on b to wait for b's lock")
         quick = gpurun.start("alloc", "dup", "-g", "1", "-c", "0", "--server", "a", env=a)
-        names_lock = str(gpurun.state_dir / ".names.json.lock")
+        names_lock = str(gpurun.state_dir / "names.lock")
         wait_for(
             lambda: quick.poll() is not None or holds_open(quick, names_lock),
             what="the alloc on a to end or wait for the names lock",
