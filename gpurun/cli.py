@@ -74,13 +74,22 @@ def _count(text: str) -> int:
     return int(text)
 
 
+# The longest time a command line may give (--timeout, --time, --ttl): ten years. Longer ones
+# overflow the kernel's timers and the ledger's times, and mean "forever" anyway.
+MAX_SECONDS = 10 * 365 * 86400.0
+# --priority runs from -MAX_PRIORITY to MAX_PRIORITY.
+MAX_PRIORITY = 1_000_000
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got '{text}'")
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds from 0 to {MAX_SECONDS:.0f} (ten years), got '{text}'"
+        )
     return value
 
 
@@ -124,16 +133,20 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a duration like 90s, 30m, 2h or 1d, got '{text}'"
         ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration above 0, got '{text}'")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration above 0 and at most ten years (3650d), got '{text}'"
+        )
     return value
 
 
 def _priority(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit() and abs(int(text)) <= MAX_PRIORITY):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY}, got '{text}'"
+        )
+    return int(text)
 
 
 def _job_ids(text: str) -> tuple[int, ...]:
@@ -468,7 +481,10 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             print(render.to_json(booked))
         else:
             sys.stderr.write(render.reservation_text(booked) + "\n")
-            print("\n".join(f"export {key}={value}" for key, value in booked["env"].items()))
+            import shlex
+
+            env = booked["env"].items()
+            print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in env))
     elif command == "release":
         from gpurun.reservations import release
 

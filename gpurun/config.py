@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import namedtuple
 
-from gpurun.cpulist import online_cpus, parse_cpulist
+from gpurun.cpulist import MAX_CPUS, online_cpus, parse_cpulist
 from gpurun.errors import ConfigError
 
 # Only for annotations: importing `typing` costs the launch path a few milliseconds.
@@ -48,6 +48,8 @@ KEYS = (
     "slurm_account",
 )
 DEFAULT_EXTERNAL_MB = 1024
+# More GPUs than any one server holds; a larger count is a typo, not an inventory.
+MAX_GPUS = 1024
 BACKENDS = ("local", "slurm")
 
 _ConfigBase = namedtuple(
@@ -181,6 +183,8 @@ def build_config(
     except ValueError as exc:
         raise fail("gpus", str(exc)) from None
     if entry is not None and entry.cpus is not None:
+        # Not checked against this host: one entry may describe a group, and tests act as
+        # bigger servers. Jobs are pinned only to CPUs the host has; doctor names the others.
         cpus = list(entry.cpus)
     else:
         try:
@@ -416,8 +420,10 @@ def _id_list(value: object, what: str) -> list[int]:
     assert isinstance(value, list)
     ids: list[int] = []
     for item in value:
-        if not _is_int(item) or item < 0:
-            raise ValueError(f"{what} ids must be whole numbers >= 0, not {_yaml(item)}")
+        if not _is_int(item) or not 0 <= item < 2**20:
+            raise ValueError(
+                f"{what} ids must be whole numbers from 0 to {2**20 - 1}, not {_yaml(item)}"
+            )
         if item in ids:
             raise ValueError(f"{what} id {item} is listed twice")
         ids.append(item)
@@ -434,8 +440,8 @@ def _gpu_ids(value: object, smi: str | None) -> tuple[list[int], Discovery | Non
             return sorted(gpu.id for gpu in discovery.gpus), discovery
         return _named_gpus(value, discovery), discovery
     if _is_int(value):
-        if value < 0:
-            raise ValueError(f"a GPU count must be >= 0, not {value}")
+        if not 0 <= value <= MAX_GPUS:
+            raise ValueError(f"a GPU count must be from 0 to {MAX_GPUS}, not {value}")
         return list(range(value)), None
     if isinstance(value, list):
         return _id_list(value, "GPU"), None
@@ -481,6 +487,8 @@ def _cpu_ids(value: object, fake_root: str | None) -> list[int]:
     if _is_int(value):
         if value < 0:
             raise ValueError(f"a CPU count must be >= 0, not {value}")
+        if value > MAX_CPUS:
+            raise ValueError(f"a CPU count must be at most {MAX_CPUS}, not {value}")
         ids = list(range(value))
     elif isinstance(value, list):
         ids = _id_list(value, "CPU")

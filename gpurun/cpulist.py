@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The kernel's largest NR_CPUS (CONFIG_NR_CPUS_RANGE_END); no id in a real cpulist is higher.
+MAX_CPUS = 8192
+
 
 def parse_cpulist(text: str) -> list[int]:
     """Return the sorted, unique ids in a cpulist; raise ValueError naming the bad part.
@@ -22,6 +25,8 @@ def parse_cpulist(text: str) -> list[int]:
         last = int(high) if sep else first
         if last < first:
             raise ValueError(f"range '{part}' runs backwards")
+        if last >= MAX_CPUS:
+            raise ValueError(f"CPU id {last} is too large; Linux counts at most {MAX_CPUS} CPUs")
         ids.update(range(first, last + 1))
     return sorted(ids)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections import namedtuple
 
-from gpurun.cpulist import parse_cpulist
+from gpurun.cpulist import MAX_CPUS, parse_cpulist
 
 SERVER_KEYS = ("name", "address", "gpus", "cpus", "labels", "limits")
 GROUP_KEYS = ("count", "start", *SERVER_KEYS)
@@ -129,6 +130,12 @@ def _expand(key: str, entry: dict) -> list[tuple[str, dict]]:
         raise InventoryError(
             f"{key}.name", "a group needs a name template with {i}, such as 'gpu-{i:02d}'"
         )
+    for field in ("name", "address"):
+        # A width like {i:99999999999d} would build a string of that many characters.
+        if isinstance(entry.get(field), str) and re.search(r"\{[^}]*\d{3,}", entry[field]):
+            raise InventoryError(
+                f"{key}.{field}", f"'{entry[field]}' pads {{i}} too wide; use a width like 02"
+            )
     expanded = []
     for i in range(start, start + count):
         spec = {k: v for k, v in entry.items() if k not in ("count", "start")}
@@ -269,10 +276,14 @@ def bookkeeping_cpus(value: object) -> list[int] | None:
     if _is_int(value):
         if value < 0:
             raise ValueError(f"a CPU count must be >= 0, not {value}")
+        if value > MAX_CPUS:
+            raise ValueError(f"a CPU count must be at most {MAX_CPUS}, not {value}")
         return list(range(value))
     if isinstance(value, list):
-        if not all(_is_int(x) and x >= 0 for x in value) or len(set(value)) != len(value):
-            raise ValueError("CPU ids must be distinct whole numbers >= 0")
+        if not all(_is_int(x) and 0 <= x < MAX_CPUS for x in value) or len(set(value)) != len(
+            value
+        ):
+            raise ValueError(f"CPU ids must be distinct whole numbers from 0 to {MAX_CPUS - 1}")
         return sorted(value)
     if isinstance(value, str) and ":" not in value:
         return parse_cpulist(value)

@@ -235,7 +235,7 @@ def _mark_outside_use(
     owner_job: dict[int, Lease] = {}
     for lease in state.leases:
         if lease.state == "running" and lease.kind == "job":
-            for pid in _job_processes(lease, checked=True):
+            for pid in _job_processes(lease, "", checked=True):
                 owner_job[pid] = lease
     for process in discovery.processes:
         row = by_gpu.get(process.gpu)
@@ -350,23 +350,31 @@ def kill_job(
             f"job {lease.id} belongs to {lease.user}; only its owner or root may kill it"
         )
     if lease.kind != "job":
-        raise UsageError(f"{lease.id} is a reservation, not a job; use 'gpurun release'")
+        raise RefusedError(f"{lease.id} is a reservation, not a job; use 'gpurun release'")
 
     sent = [signum.name]
-    _signal_job(lease, signum)
+    lock_path = ledger.job_lock_path(lease.id)
+    if not _signal_job(lease, lock_path, signum):
+        raise NotFoundError(
+            f"job {lease.id} has no processes left to signal; its lease goes with the next "
+            "'gpurun gc'"
+        )
     if signum in ESCALATE:
-        if not _wait_gone(lease, config.kill_grace):
-            _signal_job(lease, signal.SIGKILL, checked=True)
+        if not _wait_gone(lease, lock_path, config.kill_grace):
+            _signal_job(lease, lock_path, signal.SIGKILL, checked=True)
             sent.append("SIGKILL")
-            _wait_gone(lease, 5.0)
+            _wait_gone(lease, lock_path, 5.0)
         _wait_released(ledger, lease, 5.0)
     view = lease_view(lease, True, time.time())
     view["signals"] = sent
     return view
 
 
-def _job_processes(lease: Lease, checked: bool = False) -> list[int]:
-    """The job's processes now: below its live gpurun, else its command and what is below.
+def _job_processes(lease: Lease, lock_path: str, checked: bool = False) -> list[int]:
+    """The job's processes now: below its live gpurun, else its command and what is below,
+    else (both gone: gpurun was killed and the command ended) whatever still holds the job
+    lock at `lock_path` ("" to skip that search), which every process the job started
+    inherits, and what is below those.
 
     Unless `checked` (the holders passed this check before), refuses holders that cannot be
     a gpurun or a job: init, this process's own parents, a "gpurun" running something else.
@@ -394,7 +402,11 @@ def _job_processes(lease: Lease, checked: bool = False) -> list[int]:
                 "process or one of its parents; nothing was signalled"
             )
         return [command.pid, *liveness.descendants(command.pid)]
-    return []
+    if not lock_path:
+        return []
+    mine = {os.getpid(), *_ancestors()}
+    holding = [pid for pid in liveness.lock_holders(lock_path) if pid not in mine]
+    return [p for pid in holding for p in (pid, *liveness.descendants(pid))]
 
 
 def _is_gpurun(pid: int) -> bool:
@@ -422,20 +434,23 @@ def _ancestors() -> set[int]:
     return found
 
 
-def _signal_job(lease: Lease, signum: int, checked: bool = False) -> None:
-    for pid in _job_processes(lease, checked):
+def _signal_job(lease: Lease, lock_path: str, signum: int, checked: bool = False) -> bool:
+    """Send `signum` to every process of the job; False if it had none."""
+    pids = _job_processes(lease, lock_path, checked)
+    for pid in pids:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
         except PermissionError:
             raise RefusedError(f"not allowed to signal pid {pid} of job {lease.id}") from None
+    return bool(pids)
 
 
-def _wait_gone(lease: Lease, seconds: float) -> bool:
+def _wait_gone(lease: Lease, lock_path: str, seconds: float) -> bool:
     """Wait until the job has no processes left; True if that happened in time."""
     deadline = time.monotonic() + seconds
-    while _job_processes(lease, checked=True):
+    while _job_processes(lease, lock_path, checked=True):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)

@@ -118,13 +118,13 @@ class Lease(_LeaseBase):
                 created=_num(record["created"]),
                 started=None if record["started"] is None else _num(record["started"]),
                 holders=tuple(
-                    Holder(_int(h["pid"]), _int(h["start"]), _str(h["role"]))
+                    Holder(_pid(h["pid"]), _int(h["start"]), _str(h["role"]))
                     for h in record["holders"]
                 ),
                 boot=_str(record["boot"]),
                 expires=None if record["expires"] is None else _num(record["expires"]),
                 request=_request(record.get("request"), record),
-                priority=_int(record.get("priority", 0)),
+                priority=_signed(record.get("priority", 0)),
                 time_limit=_optional_num(record.get("time_limit")),
                 after=tuple(_int(i) for i in record.get("after", ())),
                 after_any=_bool(record.get("after_any", False)),
@@ -140,13 +140,29 @@ class Lease(_LeaseBase):
                 ),
             )
         except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"lease {record!r:.80} is malformed ({exc!r})") from None
+            which = record.get("id") if isinstance(record, dict) else None
+            raise ValueError(
+                f"lease {which!r} is malformed ({type(exc).__name__}: {exc})"
+            ) from None
         return lease
 
 
 def _int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
         raise TypeError(f"{value!r} is not a whole number >= 0")
+    return value
+
+
+def _pid(value: object) -> int:
+    """A process id: the kernel's are below 2**22 (proc(5), pid_max); 2**31 leaves room."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise TypeError(f"{value!r} is not a process id")
+    return value
+
+
+def _signed(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not -(2**31) < value < 2**31:
+        raise TypeError(f"{value!r} is not a whole number")
     return value
 
 
@@ -229,10 +245,12 @@ class State:
         self.schema = SCHEMA
 
     def add(self, lease: Lease) -> None:
+        _readable(lease)
         self.leases.append(lease)
         self.changed = True
 
     def replace(self, lease: Lease) -> None:
+        _readable(lease)
         self.leases = [lease if old.id == lease.id else old for old in self.leases]
         self.changed = True
 
@@ -276,6 +294,15 @@ class State:
             if lease.id == lease_id:
                 return lease
         return None
+
+
+def _readable(lease: Lease) -> None:
+    """Refuse a lease the next reader would refuse: whatever slipped past the checks of the
+    command line must never make the ledger unreadable for everyone."""
+    try:
+        Lease.from_json(lease.to_json())
+    except ValueError as exc:
+        raise LedgerError("the ledger", f"refusing to record lease {lease.id}: {exc}") from None
 
 
 def finished_record(

@@ -127,6 +127,28 @@ def lease_alive(lease: object, lock_path: str, now: float) -> bool:
     return job_lock_held(lock_path)
 
 
+def lock_holders(path: str) -> list[int]:
+    """The pids of the processes that have `path` open (those this user may look at), as
+    /proc/PID/fd shows them; for a job lock, the job's processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        folder = f"/proc/{entry}/fd"
+        try:
+            fds = os.listdir(folder)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{folder}/{fd}") == path:
+                    found.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return found
+
+
 def descendants(root: int) -> list[int]:
     """The pids of every live process below `root`, parents before children.
 

@@ -15,6 +15,9 @@ def to_json(data: object) -> str:
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """Left-aligned columns, two spaces apart; the last column is cut to a terminal's width."""
+    # A newline or other control character in a cell (a command's argument) would break the
+    # rows for grep and awk; it is shown escaped, as Python writes it.
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):
@@ -27,6 +30,12 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
         width = os.get_terminal_size().columns
         lines = [line if len(line) <= width else line[: width - 1] + "…" for line in lines]
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def duration(seconds: object) -> str:

@@ -225,3 +225,123 @@ def test_kill_refuses_holders_that_are_not_a_gpurun(gpurun):
     finally:
         shell.kill()
         shell.wait()
+
+
+def test_values_at_the_edge_of_the_ledgers_ranges_never_make_it_unreadable(gpurun):
+    low = gpurun.run("--priority", "-5", "-g", "1", "--", "true")
+    too_low = gpurun.run("--priority", "-99999999", "-g", "1", "--", "true")
+    far = [
+        gpurun.run("alloc", "forever", "-g", "1", "--ttl", "1200000d"),
+        gpurun.run("--time", "200000d", "-g", "1", "--", "true"),
+        gpurun.run("--timeout", "1e300", "-g", "1", "--", "true"),
+    ]
+    ten_years = gpurun.run("alloc", "long", "-g", "1", "-c", "0", "--ttl", "3650d", "--json")
+    listing = gpurun.run("ps", "--json")
+
+    assert low.returncode == 0, low.stderr
+    assert too_low.returncode == 2 and "from -1000000 to 1000000" in one_line(too_low.stderr)
+    for result in far:
+        assert result.returncode == 2 and "ten years" in one_line(result.stderr)
+    assert ten_years.returncode == 0, ten_years.stderr
+    assert listing.returncode == 0, listing.stderr
+    assert [job["name"] for job in json.loads(listing.stdout)] == ["long"]
+
+
+def test_a_pid_out_of_range_in_the_ledger_is_a_clear_error_for_every_command(gpurun):
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    ledger = gpurun.ledger_path()
+    doc = json.loads(ledger.read_text())
+    assert gpurun.run("alloc", "box", "-g", "1").returncode == 0
+    doc = json.loads(ledger.read_text())
+    doc["leases"][0]["holders"] = [{"pid": 2**40, "start": 1, "role": "gpurun"}]
+    ledger.write_text(json.dumps(doc))
+
+    for command in (["ps"], ["status"], ["gc"], ["kill", "1"], ["-g", "1", "--", "true"]):
+        result = gpurun.run(*command)
+        assert result.returncode == 125, (command, result.stderr)
+        assert "is not a process id" in one_line(result.stderr)
+    assert gpurun.run("reset", "--yes").returncode == 0
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+
+
+def test_alloc_export_lines_are_quoted_for_eval(gpurun, tmp_path):
+    marker = tmp_path / "injected"
+    name = f"dbg;touch {marker}"
+
+    script = f'eval "$({GPURUN} alloc "$1" -g 1 -c 0)"; echo "$GPURUN_RESERVATION"'
+    result = subprocess.run(
+        ["sh", "-c", script, "-", name],
+        env=gpurun.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == name
+    assert not marker.exists()
+
+
+def test_a_newline_in_an_argument_keeps_one_row_per_job_in_ps(gpurun):
+    go, started = gpurun.tmp / "go", gpurun.tmp / "started"
+    script = f"touch {started}; while [ ! -e {go} ]; do sleep 0.05; done"
+    job = gpurun.start("-g", "1", "--", "sh", "-c", script, "sh", "two\nlines\tand tab")
+    wait_for(started.exists, what="the job to start")
+
+    table = gpurun.run("ps").stdout.splitlines()
+    go.touch()
+
+    assert len(table) == 2, table
+    assert "two\\nlines\\tand tab" in table[1]
+    assert job.wait(timeout=20) == 0
+
+
+def test_kill_reaches_what_a_job_left_running_after_its_gpurun_was_killed(gpurun):
+    leftover = gpurun.tmp / "leftover.pid"
+    job = gpurun.start(
+        "-g", "1", "-n", "leaky", "--", "sh", "-c", f"sleep 60 & echo $! > {leftover}; sleep 0.3"
+    )
+    wait_for(lambda: leftover.exists() and leftover.read_text().strip(), what="the leftover")
+    pid = int(leftover.read_text())
+    gpurun_pid = job.pid
+    os.kill(gpurun_pid, signal.SIGKILL)
+    job.wait(timeout=10)
+    command = next(
+        h["pid"] for h in gpurun.ledger()["leases"][0]["holders"] if h["role"] == "command"
+    )
+    wait_for(lambda: not os.path.exists(f"/proc/{command}") or _zombie(command), what="sh to end")
+
+    killed = gpurun.run("kill", "leaky")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), what="the leftover to end")
+    after = gpurun.run("kill", "leaky")
+    assert gpurun.run("gc").returncode == 0
+
+    assert killed.returncode == 0, killed.stderr
+    assert after.returncode == 125
+    assert gpurun.ledger()["leases"] == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_kill_of_a_reservation_is_refused_with_125(gpurun):
+    assert gpurun.run("alloc", "box", "-g", "1").returncode == 0
+
+    result = gpurun.run("kill", "box")
+
+    assert result.returncode == 125
+    assert "use 'gpurun release'" in one_line(result.stderr)
+
+
+def test_a_server_template_padded_too_wide_is_refused_at_once(gpurun):
+    gpurun.write_config("servers: {count: 2, name: 'n{i:99999999999d}', gpus: 1, cpus: 1}\n")
+
+    result = gpurun.run("status", timeout=20)
+
+    assert result.returncode == 125
+    assert "too wide" in one_line(result.stderr)

@@ -91,11 +91,14 @@ def test_cpus_per_gpu_auto_rounds_down_but_gives_at_least_one():
     ("raw", "needle"),
     [
         ({"gpus": "0,1"}, "write a list: gpus: [0, 1]"),
-        ({"gpus": -1}, "must be >= 0"),
+        ({"gpus": -1}, "must be from 0 to 1024"),
+        ({"gpus": 10**20}, "must be from 0 to 1024"),
+        ({"cpus": "0-99999999999"}, "CPU id 99999999999 is too large"),
+        ({"cpus": 10**12}, "a CPU count must be at most 8192"),
         ({"gpus": [0, 0]}, "listed twice"),
         ({"gpus": True}, "must be 'auto'"),
         ({"cpus": [0, 99999]}, "this host has no CPU 99999"),
-        ({"cpus": "0-99999"}, "this host has no CPU"),
+        ({"cpus": "0-4000"}, "this host has no CPU"),
         ({"cpus": "16:31"}, "base-60"),
         ({"cpus_per_gpu": -2}, "cpus_per_gpu"),
         ({"lock_timeout": 0}, "lock_timeout"),
@@ -111,3 +114,39 @@ def test_bad_values_name_file_and_key(raw, needle):
     assert needle in str(caught.value)
     assert str(caught.value).startswith("/etc/x.yaml")
     assert caught.value.key == next(iter(raw))
+
+
+def test_the_ledger_refuses_to_record_a_lease_its_reader_would_refuse():
+    from gpurun.errors import LedgerError
+    from gpurun.ledger import Holder, Lease, State
+
+    lease = Lease.from_json(
+        {
+            "id": 1,
+            "kind": "job",
+            "state": "waiting",
+            "name": "x",
+            "user": "u",
+            "uid": 0,
+            "host": "h",
+            "gpus": [],
+            "cpus": [],
+            "command": ["true"],
+            "created": 1.0,
+            "started": None,
+            "holders": [{"pid": 5, "start": 1, "role": "gpurun"}],
+            "boot": "b",
+            "expires": None,
+        }
+    )
+    state = State([], 1, 0.0)
+
+    state.add(lease._replace(priority=-3))
+    for bad in (
+        {"priority": 2**40},
+        {"expires": 1e12},
+        {"holders": (Holder(2**40, 1, "gpurun"),)},
+    ):
+        with pytest.raises(LedgerError, match="refusing to record lease 1"):
+            state.add(lease._replace(**bad))
+    assert [entry.priority for entry in state.leases] == [-3]
