@@ -1,0 +1,121 @@
+"""Figure 2: `gpurun ps` and `gpurun status` on a busy server with a long history.
+
+The state is built the way gpurun itself writes it, through its ledger module:
+
+- 1,000 live job leases (8 of them on a GPU each, the rest CPU-only jobs run with `-c 0`),
+  each held by a real sleeping process whose pid and start time are its holder. That is what
+  `ps` and `status` judge a job lease by: they read the holder's /proc/PID/stat, as for a job
+  whose gpurun is alive. Reservations would be cheaper and not representative (they are live
+  by the clock alone), and 1,000 real supervising gpuruns would take gigabytes of memory on a
+  small machine while making those two commands read exactly the same things.
+- 100,000 finished jobs in the history file, records as gpurun appends them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from common import BASELINE, GPURUN, SERVER, Bench, Figure, interleaved, ratio_figure
+
+from gpurun.launch import finished_record
+from gpurun.ledger import Holder, Lease, Ledger, State
+from gpurun.liveness import boot_id, process_start
+from gpurun.placement import Request
+
+
+def job_lease(lease_id: int, pid: int, gpus: tuple[int, ...], now: float) -> Lease:
+    return Lease(
+        id=lease_id,
+        kind="job",
+        state="running",
+        name=f"eval-{lease_id}",
+        user="bench",
+        uid=0,
+        host="bench-host",
+        gpus=gpus,
+        cpus=(),
+        command=("python", "eval.py", "--ckpt", f"step-{lease_id}.pt"),
+        created=now - 60,
+        started=now - 59,
+        holders=(Holder(pid, process_start(pid), "gpurun"),) if pid else (),
+        boot=boot_id(),
+        expires=None,
+        request=Request(len(gpus), 0, None),
+        priority=0,
+        time_limit=None,
+        after=(),
+        after_any=False,
+        log=None,
+        placed=now - 60,
+        reservation=None,
+    )
+
+
+def write_history(bench: Bench, count: int) -> None:
+    """Append `count` finished jobs, ids 1 to count, as gpurun records them."""
+    ledger = Ledger(str(bench.state_dir), SERVER, named=True)
+    ledger.ensure_dirs()
+    now = time.time()
+    template = job_lease(0, 0, (0,), now - 86400)
+    for first in range(1, count + 1, 10_000):
+        records = []
+        for lease_id in range(first, min(first + 10_000, count + 1)):
+            record = finished_record(template, SERVER, now - 86400 + lease_id, 0, "exited")
+            record["id"] = lease_id
+            records.append(record)
+        ledger.append_history(records)
+    with ledger.transaction() as state:
+        state.next_id = max(state.next_id, count + 1)
+        state.changed = True
+
+
+def busy_server(bench: Bench, leases: int, history: int) -> list[subprocess.Popen]:
+    """Write the state described above; return the sleeping holders (the caller ends them)."""
+    write_history(bench, history)
+    sleepers = []
+    try:
+        for _ in range(leases):
+            sleepers.append(subprocess.Popen(["sleep", "3600"]))
+        now = time.time()
+        ledger = Ledger(str(bench.state_dir), SERVER, named=True)
+        with ledger.transaction() as state:
+            for i, sleeper in enumerate(sleepers):
+                gpus = (i,) if i < 8 else ()
+                state.add(job_lease(state.take_id(), sleeper.pid, gpus, now))
+    except BaseException:
+        end_all(sleepers)
+        raise
+    return sleepers
+
+
+def end_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
+
+
+def views_figures(root: Path, quick: bool) -> list[Figure]:
+    leases, history = (50, 1000) if quick else (1000, 100_000)
+    bench = Bench(root, gpus=8)
+    sleepers = busy_server(bench, leases, history)
+    try:
+        if len(bench.leases()) != leases:
+            raise SystemExit("bench: the busy server's leases did not all land in the ledger")
+        commands = {
+            "python": BASELINE,
+            "ps": [GPURUN, "ps"],
+            "status": [GPURUN, "status"],
+            "ps -a": [GPURUN, "ps", "-a"],
+        }
+        samples = interleaved(commands, bench.env, 3 if quick else 21, warmup=1)
+    finally:
+        end_all(sleepers)
+    where = f"{leases:,} live leases, {history:,} finished"
+    return [
+        ratio_figure(f"gpurun {name} / python -c pass ({where})", samples[name],
+                     samples["python"], goal, not quick)
+        for name, goal in (("ps", 3.0), ("status", 3.0), ("ps -a", None))
+    ]  # fmt: skip
