@@ -36,7 +36,12 @@ class Bench:
         self.config.write_text(
             f"state_dir: {self.state_dir}\ngpus: {gpus}\ncpus: auto\nlock_timeout: 30\n"
         )
-        self.env = dict(os.environ, GPURUN_CONFIG=str(self.config), GPURUN_SERVER=SERVER)
+        self.env = dict(
+            os.environ,
+            GPURUN_CONFIG=str(self.config),
+            GPURUN_SERVER=SERVER,
+            XDG_CACHE_HOME=str(root / "cache"),
+        )
         self.env.pop("GPURUN_STATE_DIR", None)
 
     def start(self, *args: str) -> subprocess.Popen:

@@ -20,7 +20,7 @@ from pathlib import Path
 from common import BASELINE, GPURUN, SERVER, Bench, Figure, interleaved, ratio_figure
 
 from gpurun.launch import finished_record
-from gpurun.ledger import Holder, Lease, Ledger, State
+from gpurun.ledger import Holder, Lease, Ledger
 from gpurun.liveness import boot_id, process_start
 from gpurun.placement import Request
 

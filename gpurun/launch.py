@@ -193,6 +193,7 @@ def reserve(
                 if entry.state == "waiting" and dependencies(entry) == FAILED:
                     state.remove(entry.id)
                     cancelled = dependencies.reason(entry)
+                    place_admitted(state, config, now, dependencies)
                 else:
                     place_admitted(state, config, now, dependencies)
                     entry = state.find(entry.id)
@@ -214,6 +215,7 @@ def reserve(
                     entry, ledger.server, time.time(), None, "cancelled", cancelled
                 )
                 ledger.append_history([record])
+                ledger.ring()
                 raise DependencyFailed(f"job {entry.id} was cancelled: {cancelled}")
             if entry.state == "running":
                 log.info(
@@ -232,7 +234,11 @@ def reserve(
                 raise BusyError(f"{busy}; gave up after --timeout {timeout:g} s")
             progress.waiting(entry.id, position, queued, busy)
             if watcher is None:
-                watcher = Watcher(ledger.state_dir)
+                # Watching starts only now, so look once more before the first wait: a
+                # placement in between would otherwise be seen only at the next poll.
+                lock_name = os.path.basename(ledger.job_lock_path(entry.id))
+                watcher = Watcher(ledger.state_dir, (lock_name, os.path.basename(ledger.lock_path)))
+                continue
             watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
     except BaseException:
         progress.clear()
@@ -304,6 +310,7 @@ def place_admitted(state: State, config: Config, now: float, dependencies: objec
     even when the waiting gpurun processes wake in another order; each then finds its lease
     placed and starts its command.
     """
+    state.admitted = True
     admitted = admit(state.leases, config.gpus, config.cpus, now, dependencies)
     for lease_id, (gpus, cpus) in admitted.items():
         lease = state.find(lease_id)
@@ -320,7 +327,10 @@ def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
 
 
 def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
-    """After the reaping transaction: record the dead jobs in history, remove their locks."""
+    """After the reaping transaction: record the dead jobs in history, remove their locks,
+    and wake the waiting gpuruns, as jobs that run after a dead one are now cancelled."""
+    if not dead:
+        return
     ledger.append_history(
         [
             finished_record(
@@ -335,6 +345,7 @@ def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
     )
     for lease in dead:
         _unlink(ledger.job_lock_path(lease.id))
+    ledger.ring()
 
 
 def held_ids(leases: list[Lease]) -> tuple[set[int], set[int]]:
@@ -589,10 +600,12 @@ def _release(
 ) -> dict[str, object]:
     """Remove the lease, place the jobs that can start now, append the job to history and
     drop the job lock; return the history record."""
+    dependents = False
     try:
         with ledger.transaction() as state:
             state.remove(lease.id)
             place_admitted(state, config, time.time(), _Dependencies(ledger, state))
+            dependents = any(lease.id in other.after for other in state.leases)
     except LedgerError as exc:
         log.warning(
             "could not remove lease %d (%s); the next gpurun or 'gpurun gc' will reap it",
@@ -602,6 +615,9 @@ def _release(
     log.info("job %d ended with %d; its lease is freed", lease.id, code)
     record = finished_record(lease, ledger.server, time.time(), code, "exited")
     ledger.append_history([record])
+    if dependents:
+        # Jobs that run after this one learn how it ended from history, written only now.
+        ledger.ring()
     os.close(lock_fd)
     _unlink(ledger.job_lock_path(lease.id))
     return record

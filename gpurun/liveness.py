@@ -41,9 +41,13 @@ def process_start(pid: int) -> int | None:
     None means gone or a zombie. Raises PermissionError when the process exists but /proc
     does not show it to us.
     """
+    # os.open and os.read rather than open(): `ps` reads one such file per lease.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except (FileNotFoundError, ProcessLookupError):
         try:
             os.kill(pid, 0)

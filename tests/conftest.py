@@ -52,6 +52,7 @@ class Gpurun:
         self.env.pop("GPURUN_STATE_DIR", None)
         self.env["GPURUN_CONFIG"] = str(self.config)
         self.env.pop("OMP_NUM_THREADS", None)
+        self.env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
         self.procs: list[subprocess.Popen] = []
 
     def write_config(self, text: str) -> None:
@@ -126,3 +127,9 @@ def gpurun(tmp_path: Path):
     g = Gpurun(tmp_path)
     yield g
     g.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep gpurun's config parse cache of in-process calls out of the real home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
