@@ -3,16 +3,18 @@
 The state is built the way gpurun itself writes it, through its ledger module:
 
 - 1,000 live job leases (8 of them on a GPU each, the rest CPU-only jobs run with `-c 0`),
-  each held by a real sleeping process whose pid and start time are its holder. That is what
-  `ps` and `status` judge a job lease by: they read the holder's /proc/PID/stat, as for a job
-  whose gpurun is alive. Reservations would be cheaper and not representative (they are live
-  by the clock alone), and 1,000 real supervising gpuruns would take gigabytes of memory on a
-  small machine while making those two commands read exactly the same things.
+  each held by a real sleeping process: its pid and start time are the lease's holder, and it
+  holds the lease's job lock, taken as gpurun takes it and inherited as a job inherits it.
+  Those are what `ps` and `status` judge a job lease by (liveness.lease_alive), exactly as
+  for a job whose gpurun runs. Reservations would be cheaper and not representative (they
+  are live by the clock alone), and 1,000 real supervising gpuruns would take gigabytes of
+  memory on a small machine while making those two commands read the same things.
 - 100,000 finished jobs in the history file, records as gpurun appends them.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from common import BASELINE, GPURUN, SERVER, Bench, Figure, interleaved, ratio_f
 
 from gpurun.launch import finished_record
 from gpurun.ledger import Holder, Lease, Ledger
-from gpurun.liveness import boot_id, process_start
+from gpurun.liveness import boot_id, lock_job, process_start
 from gpurun.placement import Request
 
 
@@ -74,16 +76,18 @@ def write_history(bench: Bench, count: int) -> None:
 def busy_server(bench: Bench, leases: int, history: int) -> list[subprocess.Popen]:
     """Write the state described above; return the sleeping holders (the caller ends them)."""
     write_history(bench, history)
+    ledger = Ledger(str(bench.state_dir), SERVER, named=True)
     sleepers = []
     try:
-        for _ in range(leases):
-            sleepers.append(subprocess.Popen(["sleep", "3600"]))
-        now = time.time()
-        ledger = Ledger(str(bench.state_dir), SERVER, named=True)
         with ledger.transaction() as state:
-            for i, sleeper in enumerate(sleepers):
+            now = time.time()
+            for i in range(leases):
+                lease_id = state.take_id()
+                lock = lock_job(ledger.job_lock_path(lease_id))
+                sleepers.append(subprocess.Popen(["sleep", "3600"], pass_fds=(lock,)))
+                os.close(lock)
                 gpus = (i,) if i < 8 else ()
-                state.add(job_lease(state.take_id(), sleeper.pid, gpus, now))
+                state.add(job_lease(lease_id, sleepers[-1].pid, gpus, now))
     except BaseException:
         end_all(sleepers)
         raise

@@ -12,7 +12,6 @@ names) run every time.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import namedtuple
 
@@ -438,8 +437,10 @@ def _store_parse(cache: str, text: str, data: dict[str, object], lines: dict[str
             json.dump({"text": text, "data": data, "lines": lines}, f)
         os.rename(tmp, cache)
     except OSError:
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def _plain(value: object, budget: list[int], depth: int) -> bool:

@@ -7,7 +7,6 @@ transaction to place it, one to record the command's pid, one to free it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -569,10 +568,14 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
         code = run_reserved(ledger, config, lease, lock_fd, executable, argv)
     except BaseException as exc:
         message = str(exc) if isinstance(exc, GpurunError) else repr(exc)
-        with contextlib.suppress(OSError):
+        try:
             os.write(write_end, f"error {message}\n".encode())
-        with contextlib.suppress(OSError):
+        except OSError:
+            pass
+        try:
             os.write(2, f"gpurun: {message}\n".encode())
+        except OSError:
+            pass
     finally:
         os._exit(code)
 
@@ -720,5 +723,7 @@ def _user_name() -> str:
 
 
 def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
+    try:
         os.unlink(path)
+    except OSError:
+        pass

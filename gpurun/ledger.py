@@ -19,7 +19,6 @@ older schemas and refuses newer ones, so an old gpurun never drops fields it doe
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -421,8 +420,10 @@ class Ledger:
         try:
             os.rename(tmp, self.path)
         except OSError as exc:
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(tmp)
+            except OSError:
+                pass
             raise LedgerError(
                 self.path, f"cannot replace the ledger ({exc.strerror}); it was left as it was"
             ) from None
@@ -526,8 +527,10 @@ class Ledger:
             finally:
                 os.close(fd)
         except OSError as exc:
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(tmp)
+            except OSError:
+                pass
             raise LedgerError(
                 path,
                 f"cannot write the ledger ({exc.strerror}); it was left "
@@ -713,8 +716,10 @@ def create_shared_file(path: str) -> None:
         pass
     finally:
         os.close(fd)
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def make_shared_dir(path: str) -> None:
@@ -732,8 +737,10 @@ def make_shared_dir(path: str) -> None:
         os.chmod(tmp, 0o777)
         os.rename(tmp, path)
     except OSError:
-        with contextlib.suppress(OSError):
+        try:
             os.rmdir(tmp)
+        except OSError:
+            pass
         if not os.path.exists(path):
             raise
 
