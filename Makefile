@@ -24,6 +24,7 @@ test: $(STAMP)  ## run the whole test suite
 	$(BIN)/pytest -q
 
 bench: $(STAMP)  ## measure the figures in bench/ against their goals
+	$(BIN)/python -m compileall -q gpurun
 	$(BIN)/python bench/run.py
 
 lint: $(STAMP)  ## check style with ruff
