@@ -239,6 +239,11 @@ def reserve(
                 watcher = Watcher(ledger.state_dir, (lock_name, os.path.basename(ledger.lock_path)))
                 continue
             watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
+            placed = _placed_meanwhile(ledger, entry.id)
+            if placed is not None:
+                log.info("job %d was placed while it waited", placed.id)
+                progress.started(placed)
+                return placed, lock_fd
     except BaseException:
         progress.clear()
         signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
@@ -479,6 +484,24 @@ def _new_entry(ledger: Ledger, spec: Spec, lease_id: int, now: float, detached: 
         placed=None,
         reservation=None,
     )
+
+
+def _placed_meanwhile(ledger: Ledger, lease_id: int) -> Lease | None:
+    """The waiting job's lease if whoever freed GPUs placed it meanwhile, else None.
+
+    Read without the lock: only the job itself changes its lease once it is placed, so a
+    waiting gpurun woken by its placement starts without queueing for the lock behind
+    everyone else. Blocks supervise.BLOCKED before it looks, as reserve returns so.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
+    try:
+        lease = ledger.read().find(lease_id)
+    except LedgerError:
+        lease = None
+    if lease is not None and lease.state == "running":
+        return lease
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+    return None
 
 
 def _position(state: State, entry: Lease) -> tuple[int, int]:

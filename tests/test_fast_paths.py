@@ -134,3 +134,20 @@ def test_iso_time_writes_what_datetime_writes(monkeypatch, zone):
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_a_held_ledger_lock_still_times_out(gpurun):
+    import fcntl
+
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    gpurun.write_config("gpus: 4\ncpus: auto\nlock_timeout: 0.5\n")
+    lock = os.open(str(gpurun.ledger_path()) + ".lock", os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        result = gpurun.run("-g", "1", "--", "true")
+    finally:
+        os.close(lock)
+
+    assert result.returncode == 125
+    assert "still locked after lock_timeout (0.5 s); held by pid" in result.stderr
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
