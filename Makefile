@@ -27,6 +27,7 @@ stress: $(STAMP)  ## 300 jobs with random kills for about 2 minutes, then the in
 	$(BIN)/python tests/stress.py --jobs 300 --seconds 120 --gpus 8
 
 bench: $(STAMP)  ## measure the figures in bench/ against their goals
+	$(BIN)/python -m compileall -q gpurun
 	$(BIN)/python bench/run.py
 
 lint: $(STAMP)  ## check style with ruff

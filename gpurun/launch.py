@@ -7,7 +7,6 @@ transaction to place it, one to record the command's pid, one to free it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -205,6 +204,7 @@ def reserve(
                 if entry.state == "waiting" and dependencies(entry) == FAILED:
                     cancelled = dependencies.reason(entry)
                     state.finish(entry.id, ledger.server, "cancelled", None, cancelled)
+                    place_admitted(state, config, now, dependencies, outside)
                 else:
                     place_admitted(state, config, now, dependencies, outside)
                     entry = state.find(entry.id)
@@ -222,6 +222,8 @@ def reserve(
                 on_queued(entry)
                 on_queued = None
             if cancelled is not None:
+                # Jobs that run after this one are cancelled in turn: wake them.
+                ledger.ring()
                 raise DependencyFailed(f"job {entry.id} was cancelled: {cancelled}")
             if entry.state == "running":
                 log.info(
@@ -240,8 +242,17 @@ def reserve(
                 raise BusyError(f"{busy}; gave up after --timeout {timeout:g} s")
             progress.waiting(entry.id, position, queued, busy)
             if watcher is None:
-                watcher = Watcher(ledger.state_dir)
+                # Watching starts only now, so look once more before the first wait: a
+                # placement in between would otherwise be seen only at the next poll.
+                lock_name = os.path.basename(ledger.job_lock_path(entry.id))
+                watcher = Watcher(ledger.state_dir, (lock_name, os.path.basename(ledger.lock_path)))
+                continue
             watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
+            placed = _placed_meanwhile(ledger, entry.id)
+            if placed is not None:
+                log.info("job %d was placed while it waited", placed.id)
+                progress.started(placed)
+                return placed, lock_fd
     except BaseException as exc:
         progress.clear()
         signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
@@ -324,6 +335,7 @@ def place_admitted(
     placed and starts its command. `outside`: GPUs busy outside gpurun (external.py), never
     handed out.
     """
+    state.admitted = True
     admitted = admit(
         state.leases,
         config.gpus,
@@ -357,10 +369,14 @@ def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
 
 
 def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
-    """After the reaping transaction: remove the dead jobs' locks."""
+    """After the reaping transaction: remove the dead jobs' locks, and wake the waiting
+    gpuruns, as jobs that run after a dead one are now cancelled."""
+    if not dead:
+        return
     for lease in dead:
         _unlink(ledger.job_lock_path(lease.id))
         _remove_inner(ledger, lease.id)
+    ledger.ring()
 
 
 def inner_state_dir(ledger: Ledger, lease_id: int) -> str:
@@ -505,6 +521,24 @@ def _new_entry(ledger: Ledger, spec: Spec, lease_id: int, now: float, detached: 
     )
 
 
+def _placed_meanwhile(ledger: Ledger, lease_id: int) -> Lease | None:
+    """The waiting job's lease if whoever freed GPUs placed it meanwhile, else None.
+
+    Read without the lock: only the job itself changes its lease once it is placed, so a
+    waiting gpurun woken by its placement starts without queueing for the lock behind
+    everyone else. Blocks supervise.BLOCKED before it looks, as reserve returns so.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
+    try:
+        lease = ledger.read().find(lease_id)
+    except LedgerError:
+        lease = None
+    if lease is not None and lease.state == "running":
+        return lease
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+    return None
+
+
 def _position(state: State, entry: Lease) -> tuple[int, int]:
     order = [lease.id for lease in queue_order(state.leases)]
     return order.index(entry.id) + 1, len(order)
@@ -592,10 +626,14 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
         code = run_reserved(ledger, config, lease, lock_fd, executable, argv)
     except BaseException as exc:
         message = str(exc) if isinstance(exc, GpurunError) else repr(exc)
-        with contextlib.suppress(OSError):
+        try:
             os.write(write_end, f"error {message}\n".encode())
-        with contextlib.suppress(OSError):
+        except OSError:
+            pass
+        try:
             os.write(2, f"gpurun: {message}\n".encode())
+        except OSError:
+            pass
     finally:
         os._exit(code)
 
@@ -625,6 +663,7 @@ def _release(
     start now, drop the job lock; return the history record."""
     record = finished_record(lease, ledger.server, time.time(), code, "exited")
     outside = busy_outside(config, 0.0)
+    dependents = False
     try:
         with ledger.transaction() as state:
             # Recorded even if a forced reset dropped the lease (the job did run and end),
@@ -632,6 +671,7 @@ def _release(
             if state.remove(lease.id) is not None or not ledger.finished_jobs({lease.id}):
                 state.finished.append(record)
             place_admitted(state, config, time.time(), _Dependencies(ledger, state), outside)
+            dependents = any(lease.id in other.after for other in state.leases)
     except LedgerError as exc:
         log.warning(
             "could not remove lease %d (%s); the next gpurun or 'gpurun gc' will reap it",
@@ -643,6 +683,9 @@ def _release(
         if not ledger.finished_jobs({lease.id}):
             ledger.append_history([record])
     log.info("job %d ended with %d; its lease is freed", lease.id, code)
+    if dependents:
+        # Jobs that run after this one learn how it ended from history: wake them.
+        ledger.ring()
     os.close(lock_fd)
     _unlink(ledger.job_lock_path(lease.id))
     _remove_inner(ledger, lease.id)
@@ -762,5 +805,7 @@ def _user_name() -> str:
 
 
 def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
+    try:
         os.unlink(path)
+    except OSError:
+        pass

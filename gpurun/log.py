@@ -7,7 +7,6 @@ logger only once `logging` is imported (the CLI does that for `-v`); warnings al
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 
@@ -35,8 +34,10 @@ class LazyLogger:
         if logging is not None and logging.getLogger().handlers:
             logging.getLogger(self.name).warning(msg, *args)
             return
-        with contextlib.suppress(OSError, ValueError):
+        try:
             sys.stderr.write(f"gpurun: {msg % args if args else msg}\n")
+        except (OSError, ValueError):
+            pass
 
 
 def get_logger(name: str) -> LazyLogger:

@@ -16,7 +16,6 @@ tree stays visible and is ended before the lease is freed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -92,8 +91,10 @@ def wait_for_command(
             if status is not None:
                 return status
         elif info.si_code != SI_KERNEL:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, info.si_signo)
+            except ProcessLookupError:
+                pass
 
 
 def reap_children(pid: int) -> int | None:
@@ -135,8 +136,10 @@ def end_leftovers(grace: float) -> None:
 def signal_tree(signum: int) -> None:
     """Send `signum` to every process below this one."""
     for pid in liveness.descendants(os.getpid()):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        try:
             os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _has_children() -> bool:

@@ -63,6 +63,7 @@ class Gpurun:
             "GPURUN_SYSFS_ROOT",
         ):
             self.env.pop(name, None)
+        self.env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
         self.procs: list[subprocess.Popen] = []
 
     def write_config(self, text: str) -> None:
@@ -226,3 +227,9 @@ def protected_regular():
     finally:
         with open(path, "w") as f:
             f.write(before)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep gpurun's config parse cache of in-process calls out of the real home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

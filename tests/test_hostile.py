@@ -176,7 +176,7 @@ def test_ctrl_c_ends_a_wait_for_the_ledger_lock(gpurun):
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         waiter = gpurun.start("-g", "1", "--", "true")
-        time.sleep(0.5)  # it is now polling for the lock
+        time.sleep(0.5)  # it is now waiting for the lock
         began = time.monotonic()
         waiter.send_signal(signal.SIGINT)
         code = waiter.wait(timeout=10)
