@@ -205,6 +205,12 @@ def _backend(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _backend_name(text: str) -> str:
+    if text not in ("local", "slurm"):
+        raise ValueError(text)
+    return text
+
+
 def _server_name(text: str) -> str:
     from gpurun.inventory import is_name
 
@@ -423,6 +429,7 @@ RUN_OPTIONS = {
     "-v": ("verbose", None),
     "--verbose": ("verbose", None),
     "--server": ("server", _server_name),
+    "--backend": ("backend", _backend_name),
 }
 RUN_DEFAULTS = {dest: None for dest, _ in RUN_OPTIONS.values()}
 RUN_DEFAULTS.update(no_wait=False, detach=False, verbose=False, priority=0)
