@@ -80,8 +80,8 @@ class Config(_ConfigBase):
     "ignore"; external_memory_mb: int; sysfs_root: str; nvidia_smi: the configured command or
     None. gpu_mask: the ids an inherited $CUDA_VISIBLE_DEVICES allows, or None; mask_form:
     "index" or "uuid", how it named them (and so how to export them); mask_note: what the
-    mask named that this server does not have ("" if nothing); parent_job: the job id this
-    gpurun runs inside ($GPURUN_JOB_ID), whose lease it subdivides, or None.
+    mask named that this server does not have ("" if nothing); parent_job: the id of the job
+    this gpurun provably runs inside (masks.parent_lease), whose lease it subdivides, or None.
     backend: "local" (gpurun runs jobs itself) or "slurm" (it hands them to srun and sbatch);
     slurm_partition, slurm_account: passed to Slurm as --partition and --account, or None.
     """
@@ -206,17 +206,18 @@ def build_config(
             "external_memory_mb", f"must be a whole number of MiB >= 0, not {_yaml(external_mb)}"
         )
 
-    from gpurun.masks import inherited_mask, parent_job
+    from gpurun.masks import inherited_mask, parent_lease
 
     gpu_mask, mask_form, mask_note = inherited_mask(gpus, devices)
-    parent = parent_job()
+    parent = parent_lease(state_dir, name)
     if parent is not None:
-        # Inside a gpurun job: its lease is this gpurun's whole server, in a private ledger.
-        job_id, job_cpus = parent
-        gpus = [g for g in gpus if gpu_mask is None or g in gpu_mask]
-        cpus = [c for c in cpus if c in job_cpus]
+        # Inside a gpurun job: its lease, as its ledger records it, is this gpurun's whole
+        # server, in a private ledger. An inherited mask can only narrow it.
+        folder, lease = parent
+        gpus = [g for g in gpus if g in lease.gpus and (gpu_mask is None or g in gpu_mask)]
+        cpus = [c for c in cpus if c in lease.cpus]
         gpu_mask = None
-        state_dir = os.path.join(state_dir, "jobs", f"{name}.{job_id}.d")
+        state_dir = os.path.join(folder, "jobs", f"{name}.{lease.id}.d")
 
     topology = None
     buses = {gpu.id: gpu.bus_id for gpu in devices.values() if gpu.bus_id}
@@ -291,7 +292,7 @@ def build_config(
         gpu_mask=gpu_mask,
         mask_form=mask_form,
         mask_note=mask_note,
-        parent_job=parent[0] if parent else None,
+        parent_job=str(parent[1].id) if parent else None,
         backend=backend,
         **slurm,
     )

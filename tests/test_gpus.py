@@ -433,3 +433,56 @@ def test_status_shows_a_job_using_a_gpu_outside_its_lease_as_a_violation(gpurun)
     assert rows[1]["state"] == "external" and 1 not in status["gpus_free"]
     assert f"violation job {job_id} pid {pid}" in detail.stdout
     assert job.wait(timeout=30) == 0
+
+
+def test_inner_gpurun_takes_its_inventory_from_the_parent_lease_not_the_environment(gpurun):
+    gpurun.write_config("gpus: 8\ncpus: auto\nkill_grace: 1\nlock_timeout: 10\n")
+    inner = [gpurun_path(), "--no-wait"]
+
+    unmasked = gpurun.run(
+        "--gpu-ids", "7", "--", "env", "-u", "CUDA_VISIBLE_DEVICES", *inner, "-g", "2", "true"
+    )
+    other_mask = gpurun.run(
+        "--gpu-ids", "7", "--", "env", "CUDA_VISIBLE_DEVICES=0,1", *inner, "-g", "1", "true"
+    )
+    no_cpus = gpurun.run("-g", "1", "-c", "0", "--", *inner, "-g", "0", "-c", "1", "true")
+    own = gpurun.run(
+        "--gpu-ids",
+        "7",
+        "--",
+        "env",
+        "-u",
+        "CUDA_VISIBLE_DEVICES",
+        *inner,
+        "-g",
+        "1",
+        "-c",
+        "0",
+        "--",
+        *gpurun.probe("own"),
+    )
+
+    assert unmasked.returncode == 125 and "this server has 1 GPU (7)" in unmasked.stderr
+    assert other_mask.returncode == 125 and "0 GPUs" in other_mask.stderr
+    assert no_cpus.returncode == 125 and "0 CPUs" in no_cpus.stderr
+    assert "Traceback" not in unmasked.stderr + other_mask.stderr + no_cpus.stderr
+    assert own.returncode == 0, own.stderr
+    assert read_json(gpurun.tmp / "own.start")["env"]["GPURUN_GPUS"] == "7"
+
+
+def test_job_variables_without_the_job_lock_use_the_shared_ledger(gpurun):
+    release = gpurun.tmp / "release"
+    holder = gpurun.start("--gpu-ids", "0", "--", *gpurun.probe("h", "--wait-for", str(release)))
+    wait_json(gpurun.tmp / "h.start")
+    env = dict(gpurun.env, GPURUN_JOB_ID="1", GPURUN_GPUS="0", GPURUN_CPUS="0")
+    forged = dict(gpurun.env, GPURUN_JOB_ID="99", GPURUN_GPUS="0", GPURUN_CPUS="0-63")
+
+    same_id = gpurun.run("-g", "4", "--no-wait", "--", "true", env=env)
+    unknown = gpurun.run("-g", "4", "--no-wait", "--", "true", env=forged)
+    release.touch()
+
+    assert same_id.returncode == 75, same_id.stderr
+    assert unknown.returncode == 75, unknown.stderr
+    assert same_id.stderr.count("\n") == 1 and unknown.stderr.count("\n") == 1
+    assert holder.wait(timeout=30) == 0
+    assert not list((gpurun.state_dir / "jobs").glob("*.d"))
