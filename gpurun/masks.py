@@ -5,8 +5,8 @@ hand out only those GPUs. Their names are read as CUDA reads them (the CUDA C Pr
 Guide, "CUDA Environment Variables"): indices, which gpurun takes as nvidia-smi's (PCI bus
 order, the order CUDA_DEVICE_ORDER=PCI_BUS_ID gives), or UUIDs (GPU-..., MIG-..., or a unique
 prefix of one); the list ends at the first name that is neither, as it does for CUDA. An
-index is ASCII digits only: CUDA reads nothing else as a number, so `١` (an Arabic-Indic one)
-or `²` ends the list instead of naming GPU 1 or 2.
+index is ASCII digits only: CUDA reads nothing else as a number, so an Arabic-Indic one
+or a superscript two ends the list instead of naming GPU 1 or 2.
 
 A gpurun inside a gpurun job subdivides the job's lease, but only when it can prove that it
 runs inside that job (`parent_lease`); environment variables alone prove nothing, since anyone

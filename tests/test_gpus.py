@@ -486,3 +486,20 @@ def test_job_variables_without_the_job_lock_use_the_shared_ledger(gpurun):
     assert same_id.stderr.count("\n") == 1 and unknown.stderr.count("\n") == 1
     assert holder.wait(timeout=30) == 0
     assert not list((gpurun.state_dir / "jobs").glob("*.d"))
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661", "1,\u00b2,2"])
+def test_mask_reads_only_ascii_digits_and_stops_at_the_first_other_name(gpurun, value):
+    gpurun.use_machine("ws4")
+    env = dict(gpurun.env, CUDA_VISIBLE_DEVICES=value)
+
+    result = gpurun.run("-g", "1", "--no-wait", "--", *gpurun.probe("m"), env=env)
+    status = gpurun.run("status", env=env)
+
+    assert "Traceback" not in result.stderr + status.stderr
+    assert status.returncode == 0, status.stderr
+    if value.startswith("1,"):
+        assert result.returncode == 0, result.stderr
+        assert read_json(gpurun.tmp / "m.start")["env"]["GPURUN_GPUS"] == "1"
+    else:
+        assert result.returncode == 125 and result.stderr.count("\n") == 1
