@@ -21,10 +21,16 @@ class Request(_RequestBase):
     __slots__ = ()
 
 
-def check_possible(request: Request, gpus: tuple[int, ...], cpus: tuple[int, ...]) -> None:
-    """Raise CapacityError when the request could never fit this server, even empty."""
+def check_possible(
+    request: Request, gpus: tuple[int, ...], cpus: tuple[int, ...], hidden: str = ""
+) -> None:
+    """Raise CapacityError when the request could never fit this server, even empty.
+
+    `hidden`: what keeps other GPUs of the server from it (an inherited mask), said with the
+    GPUs it has."""
+    where = f"; {hidden}" if hidden else ""
     have = (
-        f"this server has {_plural(len(gpus), 'GPU')} ({_ids(gpus)}) and "
+        f"this server has {_plural(len(gpus), 'GPU')} ({_ids(gpus)}{where}) and "
         f"{_plural(len(cpus), 'CPU')} ({_cpus(cpus)})"
     )
     if request.gpu_ids is not None:

@@ -503,3 +503,58 @@ def test_mask_reads_only_ascii_digits_and_stops_at_the_first_other_name(gpurun, 
         assert read_json(gpurun.tmp / "m.start")["env"]["GPURUN_GPUS"] == "1"
     else:
         assert result.returncode == 125 and result.stderr.count("\n") == 1
+
+
+def _alloc(gpurun, *args: str, env: dict | None = None):
+    return gpurun.run("alloc", *args, "--json", env=env or gpurun.env)
+
+
+def test_alloc_is_placed_as_a_launch_is(gpurun):
+    apps = "GPU-8a1c3f6e-0007-4d1e-9b7a-000000000007, 4242, 8000, python\n"
+    gpurun.use_machine("dgx8", recordings=_recordings(gpurun, "dgx8", apps))
+    masked = dict(gpurun.env, CUDA_VISIBLE_DEVICES="5,6")
+
+    everything = _alloc(gpurun, "all", "-g", "8", "-c", "0")
+    seven = _alloc(gpurun, "seven", "-g", "7", "-c", "0")
+    inside = gpurun.run("-r", "seven", "-g", "1", "-c", "0", "--", *gpurun.probe("r"), env=masked)
+    gpurun.run("release", "seven")
+    in_mask = _alloc(gpurun, "m", "-g", "1", "-c", "0", env=masked)
+    pair = _alloc(gpurun, "pair", "-g", "2", "-c", "4")
+
+    assert everything.returncode == 75 and "GPU 7: pid 4242" in everything.stderr
+    assert seven.returncode == 0, seven.stderr
+    assert 7 not in json.loads(seven.stdout)["gpus"]
+    assert inside.returncode == 0, inside.stderr
+    assert read_json(gpurun.tmp / "r.start")["env"]["GPURUN_GPUS"] in ("5", "6")
+    assert in_mask.returncode == 0, in_mask.stderr
+    assert json.loads(in_mask.stdout)["gpus"][0] in (5, 6)
+    assert pair.returncode == 0, pair.stderr
+    booked = json.loads(pair.stdout)
+    assert len({g // 4 for g in booked["gpus"]}) == 1 and whole_cores(set(booked["cpus"]))
+
+
+def test_alloc_exports_what_cuda_can_use(gpurun):
+    gpurun.use_machine("a100mig")
+    mig = _alloc(gpurun, "slice", "-g", "1", "-c", "0")
+    gpurun.use_machine("ws4", "visible_devices: uuid\n")
+    uuid = _alloc(gpurun, "whole", "-g", "1", "-c", "0")
+
+    assert mig.returncode == 0, mig.stderr
+    env = json.loads(mig.stdout)["env"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "MIG-0a1f8e3c-6b2d-5c4e-8f7a-111111111111"
+    assert env["GPURUN_GPUS"] == "1000"
+    assert uuid.returncode == 0, uuid.stderr
+    assert json.loads(uuid.stdout)["env"]["CUDA_VISIBLE_DEVICES"].startswith("GPU-3f0b9a52-")
+
+
+def test_busy_and_capacity_messages_name_the_mask_and_outside_use(gpurun):
+    apps = "GPU-3f0b9a52-77c1-11ee-a001-000000000002, 4242, 8000, python\n"
+    gpurun.use_machine("ws4", recordings=_recordings(gpurun, "ws4", apps))
+
+    hidden = gpurun.run("-g", "1", "--", "true", env=dict(gpurun.env, CUDA_VISIBLE_DEVICES=""))
+    busy = gpurun.run("--gpu-ids", "2", "--no-wait", "--", "true")
+
+    assert hidden.returncode == 125
+    assert "$CUDA_VISIBLE_DEVICES hides the other 4 GPUs of 4" in hidden.stderr
+    assert busy.returncode == 75
+    assert "busy outside gpurun: GPU 2: pid 4242" in busy.stderr
