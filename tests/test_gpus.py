@@ -558,3 +558,44 @@ def test_busy_and_capacity_messages_name_the_mask_and_outside_use(gpurun):
     assert "$CUDA_VISIBLE_DEVICES hides the other 4 GPUs of 4" in hidden.stderr
     assert busy.returncode == 75
     assert "busy outside gpurun: GPU 2: pid 4242" in busy.stderr
+
+
+def test_a_later_job_takes_a_gpu_outside_the_mask_of_a_job_waiting_ahead(gpurun):
+    gpurun.write_config("gpus: 3\ncpus: auto\nkill_grace: 1\nlock_timeout: 10\n")
+    first, second = gpurun.tmp / "first", gpurun.tmp / "second"
+    a = gpurun.start("--gpu-ids", "0", "-c", "0", "--", *gpurun.probe("a", "--wait-for", first))
+    wait_json(gpurun.tmp / "a.start")
+    masked = dict(gpurun.env, CUDA_VISIBLE_DEVICES="0,1")
+    m = gpurun.start("-g", "2", "-c", "0", "--", *gpurun.probe("m"), env=masked)
+    wait_for(lambda: any(j["state"] == "waiting" for j in gpurun.ps()), what="a waiting job")
+
+    later = gpurun.start("-g", "1", "-c", "0", "--", *gpurun.probe("l", "--wait-for", second))
+    placed = wait_json(gpurun.tmp / "l.start")["env"]["GPURUN_GPUS"]
+    first.touch()
+    started = wait_json(gpurun.tmp / "m.start")["env"]["GPURUN_GPUS"]
+    second.touch()
+
+    assert placed == "2"
+    assert started == "0,1"
+    assert all(proc.wait(timeout=30) == 0 for proc in (a, m, later))
+
+
+def test_a_later_single_gpu_job_takes_a_slice_while_a_two_gpu_job_waits(gpurun):
+    line = "{i}, GPU-5d2e61a4-1c3b-a1b2-9e4f-00000000000{i}, 00000000:0{i}:00.0, NVIDIA A100, "
+    query = (FIXTURES / "a100mig" / "query-gpu.csv").read_text() + "".join(
+        line.format(i=i) + "40960, 1, Disabled\n" for i in (1, 2)
+    )
+    gpurun.use_machine("a100mig", recordings=_recordings(gpurun, "a100mig", "", query))
+    release = gpurun.tmp / "release"
+    a = gpurun.start("--gpu-ids", "1", "-c", "0", "--", *gpurun.probe("a", "--wait-for", release))
+    wait_json(gpurun.tmp / "a.start")
+    pair = gpurun.start("-g", "2", "-c", "0", "--", *gpurun.probe("pair"))
+    wait_for(lambda: any(j["state"] == "waiting" for j in gpurun.ps()), what="a waiting job")
+
+    later = gpurun.run("-g", "1", "-c", "0", "--no-wait", "--", *gpurun.probe("l"))
+    release.touch()
+
+    assert later.returncode == 0, later.stderr
+    assert int(read_json(gpurun.tmp / "l.start")["env"]["GPURUN_GPUS"]) >= 1000
+    assert pair.wait(timeout=30) == 0 and a.wait(timeout=30) == 0
+    assert read_json(gpurun.tmp / "pair.start")["env"]["GPURUN_GPUS"] == "1,2"
