@@ -141,9 +141,12 @@ def _discover_smi(command: list[str], processes: bool) -> Discovery:
     mig_on = set()
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",")]
-        if len(fields) < 5 or not fields[0].isdigit():
+        if len(fields) < 5 or not _digits(fields[0]):
             continue
         index = int(fields[0])
+        if any(gpu.index == index or gpu.uuid == fields[1] for gpu in whole):
+            log.debug("nvidia-smi listed GPU %d twice; keeping the first line", index)
+            continue
         whole.append(
             Gpu(
                 index,
@@ -183,12 +186,14 @@ def parse_mig_list(text: str, whole: list[Gpu]) -> dict[int, list[Gpu]]:
         words = line.strip()
         if words.startswith("GPU ") and ":" in words:
             number = words[4 : words.index(":")]
-            parent = int(number) if number.isdigit() else None
+            parent = int(number) if _digits(number) else None
         elif words.startswith("MIG ") and parent in by_index and "UUID: " in words:
             head, _, rest = words.partition(" Device ")
             number = rest.split(":", 1)[0].strip()
             uuid = rest.split("UUID: ", 1)[1].rstrip(") ").strip()
-            if not number.isdigit():
+            if not _digits(number):
+                continue
+            if any(g.id == mig_id(parent, int(number)) for g in slices.get(parent, ())):
                 continue
             gpu = by_index[parent]
             slices.setdefault(parent, []).append(
@@ -217,7 +222,7 @@ def parse_apps(text: str, whole: list[Gpu], gpus: list[Gpu]) -> list[Process]:
     found = []
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",", 3)]
-        if len(fields) < 2 or not fields[1].isdigit():
+        if len(fields) < 2 or not _digits(fields[1]):
             continue
         gpu_id = by_uuid.get(fields[0])
         if gpu_id is None:
@@ -237,11 +242,11 @@ def parse_topo(text: str) -> dict[tuple[int, int], int]:
     links: dict[tuple[int, int], int] = {}
     for line in lines[1:]:
         cells = line.split()
-        if not cells or not cells[0].startswith("GPU") or not cells[0][3:].isdigit():
+        if not cells or not cells[0].startswith("GPU") or not _digits(cells[0][3:]):
             continue
         a = int(cells[0][3:])
         for column in gpu_columns:
-            if column + 1 >= len(cells) or not columns[column][3:].isdigit():
+            if column + 1 >= len(cells) or not _digits(columns[column][3:]):
                 continue
             b = int(columns[column][3:])
             if a != b:
@@ -251,7 +256,7 @@ def parse_topo(text: str) -> dict[tuple[int, int], int]:
 
 def link_distance(label: str) -> int:
     """NV12 -> 1 (more NVLinks are closer), PIX -> 10 ... SYS -> 14, anything else farthest."""
-    if label.startswith("NV") and label[2:].isdigit():
+    if label.startswith("NV") and _digits(label[2:]):
         return max(1, 10 - int(label[2:]))
     return LINK_DISTANCE.get(label, FARTHEST)
 
@@ -275,9 +280,15 @@ def _bus_id(text: str) -> str:
     return text
 
 
+def _digits(text: str) -> bool:
+    """Whether `text` is a whole number in ASCII digits, the only ones int() should get here
+    (str.isdigit() is true for "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _mb(text: str) -> int:
     text = text.strip().removesuffix("MiB").strip()
-    return int(text) if text.isdigit() else -1
+    return int(text) if _digits(text) else -1
 
 
 def _discover_nvml(processes: bool) -> Discovery:

@@ -599,3 +599,46 @@ def test_a_later_single_gpu_job_takes_a_slice_while_a_two_gpu_job_waits(gpurun):
     assert int(read_json(gpurun.tmp / "l.start")["env"]["GPURUN_GPUS"]) >= 1000
     assert pair.wait(timeout=30) == 0 and a.wait(timeout=30) == 0
     assert read_json(gpurun.tmp / "pair.start")["env"]["GPURUN_GPUS"] == "1,2"
+
+
+def test_placement_never_returns_an_id_twice():
+    from gpurun.topology import Topology
+
+    # CPU 0 is in two "cores": (0, 2) and (0, 1), as an asymmetric sysfs tree would say.
+    overlapping = Topology(
+        {0: 0}, {}, dict.fromkeys(range(4), 0), {0: (0, 1), 1: (0, 1), 2: (0, 2), 3: (3,)}, {}
+    )
+
+    plain = place(Request(3, 3, None), (0, 0, 1, 2), (5, 5, 6, 7), set(), set())
+    exact = place(Request(1, 1, (1,)), (0, 1, 1), (0,), set(), set())
+    near = place(Request(1, 4, None), (0,), (0, 1, 2, 3), set(), set(), overlapping)
+
+    assert plain == ((0, 1, 2), (5, 6, 7))
+    assert exact == ((1,), (0,))
+    assert near is not None and sorted(near[1]) == [0, 1, 2, 3]
+
+
+def test_duplicates_in_discovery_give_each_gpu_and_cpu_once(gpurun):
+    query = (FIXTURES / "ws4" / "query-gpu.csv").read_text()
+    twice = query.splitlines(keepends=True)[0] + query
+    gpurun.use_machine("ws4", recordings=_recordings(gpurun, "ws4", "", twice))
+    tree = gpurun.tmp / "sys"
+    shutil.copytree(FIXTURES / "dgx8" / "sys", tree)
+    (tree / "devices/system/cpu/cpu16/topology/thread_siblings_list").write_text("0,16\n")
+
+    gpus = gpurun.run("-g", "3", "-c", "0", "--", *gpurun.probe("g"))
+    cpus = gpurun.run(
+        "-g",
+        "0",
+        "-c",
+        "34",
+        "--",
+        *gpurun.probe("c"),
+        env=dict(gpurun.env, GPURUN_SYSFS_ROOT=str(tree)),
+    )
+
+    assert gpus.returncode == 0, gpus.stderr
+    assert read_json(gpurun.tmp / "g.start")["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+    assert cpus.returncode == 0, cpus.stderr
+    held = parse_cpulist(read_json(gpurun.tmp / "c.start")["env"]["GPURUN_CPUS"])
+    assert len(held) == len(set(held)) == 34
