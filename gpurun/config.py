@@ -153,8 +153,13 @@ def build_config(
             state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
 
     smi = raw.get("nvidia_smi")
-    if smi is not None and (not isinstance(smi, str) or not smi.strip()):
+    if smi is not None and (not isinstance(smi, str) or not _is_command(smi)):
         raise fail("nvidia_smi", "must be a command, such as /usr/bin/nvidia-smi")
+    smi_env = os.environ.get("GPURUN_NVIDIA_SMI")
+    if smi_env and not _is_command(smi_env):
+        raise ConfigError(
+            "$GPURUN_NVIDIA_SMI", f"'{smi_env}' is not a command line, such as /usr/bin/nvidia-smi"
+        )
     root = raw.get("sysfs_root")
     if root is not None and (not isinstance(root, str) or not os.path.isdir(root)):
         raise fail("sysfs_root", f"must be a folder that exists, not {_yaml(root)}")
@@ -395,6 +400,16 @@ def _is_name(text: str) -> bool:
         and text[0] != "."
         and all(c.isascii() and (c.isalnum() or c in "._-") for c in text)
     )
+
+
+def _is_command(text: str) -> bool:
+    """Whether a shell-like command line splits into words, as gpus.smi_command splits it."""
+    import shlex
+
+    try:
+        return bool(shlex.split(text))
+    except ValueError:
+        return False
 
 
 def _is_slurm_word(text: str) -> bool:

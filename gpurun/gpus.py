@@ -25,6 +25,11 @@ log = get_logger(__name__)
 QUERY = "index,uuid,pci.bus_id,name,memory.total,memory.used,mig.mode.current"
 APPS_QUERY = "gpu_uuid,pid,used_memory,process_name"
 MIG_BASE = 1000
+# Seconds each nvidia-smi call may take. Discovery runs on every launch and before every
+# hand-off, so a hung driver must cost little: the inventory query gets a few seconds, the
+# others (processes, MIG list, links), which only refine it, less.
+QUERY_TIMEOUT = 8.0
+SECONDARY_TIMEOUT = 3.0
 
 # Link distances, smaller is closer, from `nvidia-smi topo -m`'s legend: NV# (NVLink with #
 # links) beats a single PCIe switch (PIX), several switches (PXB), a host bridge (PHB), the
@@ -34,7 +39,9 @@ FARTHEST = 15
 
 _GpuBase = namedtuple("_GpuBase", "id index uuid bus_id name memory_mb used_mb parent")
 _ProcessBase = namedtuple("_ProcessBase", "gpu pid used_mb name")
-_DiscoveryBase = namedtuple("_DiscoveryBase", "source gpus processes links problem")
+_DiscoveryBase = namedtuple(
+    "_DiscoveryBase", "source gpus processes links problem apps_problem", defaults=("",)
+)
 
 
 class Gpu(_GpuBase):
@@ -55,7 +62,8 @@ class Discovery(_DiscoveryBase):
     """What discovery found: source ("nvml", "nvidia-smi" or "none"), gpus (tuple of Gpu, MIG
     slices in place of the GPUs they split), processes (tuple of Process), links ({(a, b):
     distance} between whole GPUs, both orders, empty when unknown), problem ("" or why none
-    were found, for `doctor`)."""
+    were found, for `doctor`), apps_problem ("" or why the compute processes could not be
+    listed: then `processes` is empty and outside use is unknown, see external.py)."""
 
     __slots__ = ()
 
@@ -120,12 +128,12 @@ class _Unavailable(Exception):
     """This way of asking for GPUs does not work on this host."""
 
 
-def _run(command: list[str], *args: str) -> str:
+def _run(command: list[str], *args: str, timeout: float = SECONDARY_TIMEOUT) -> str:
     import subprocess
 
     try:
         result = subprocess.run(
-            [*command, *args], capture_output=True, text=True, timeout=30, check=False
+            [*command, *args], capture_output=True, text=True, timeout=timeout, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise _Unavailable(f"cannot run {command[0]}: {exc}") from None
@@ -136,7 +144,9 @@ def _run(command: list[str], *args: str) -> str:
 
 
 def _discover_smi(command: list[str], processes: bool) -> Discovery:
-    text = _run(command, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits")
+    text = _run(
+        command, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", timeout=QUERY_TIMEOUT
+    )
     whole = []
     mig_on = set()
     for line in text.splitlines():
@@ -161,19 +171,34 @@ def _discover_smi(command: list[str], processes: bool) -> Discovery:
         )
         if len(fields) > 6 and fields[6].lower() == "enabled":
             mig_on.add(index)
-    slices = parse_mig_list(_run(command, "-L"), whole) if mig_on else {}
+    # The queries after the first only refine what it found, so one that fails or hangs
+    # loses what it would have added, never the GPUs: a GPU whose MIG slices cannot be listed
+    # has none to hand out, and unknown processes are reported as such.
+    slices: dict[int, list[Gpu]] = {}
+    if mig_on:
+        try:
+            slices = parse_mig_list(_run(command, "-L"), whole)
+        except _Unavailable as exc:
+            log.debug("cannot list MIG slices: %s", exc)
     gpus = _with_slices(whole, mig_on, slices)
     found = []
+    apps_problem = ""
     if processes and gpus:
-        apps = _run(command, f"--query-compute-apps={APPS_QUERY}", "--format=csv,noheader,nounits")
-        found = parse_apps(apps, whole, gpus)
+        try:
+            apps = _run(
+                command, f"--query-compute-apps={APPS_QUERY}", "--format=csv,noheader,nounits"
+            )
+            found = parse_apps(apps, whole, gpus)
+        except _Unavailable as exc:
+            apps_problem = f"nvidia-smi --query-compute-apps: {exc}"
+            log.debug("cannot list compute processes: %s", exc)
     links: dict[tuple[int, int], int] = {}
     if len(whole) > 1:
         try:
             links = parse_topo(_run(command, "topo", "-m"))
         except _Unavailable as exc:
             log.debug("no link topology: %s", exc)
-    return Discovery("nvidia-smi", tuple(gpus), tuple(found), links, "")
+    return Discovery("nvidia-smi", tuple(gpus), tuple(found), links, "", apps_problem)
 
 
 def parse_mig_list(text: str, whole: list[Gpu]) -> dict[int, list[Gpu]]:
@@ -313,6 +338,7 @@ def _ask_nvml(nvml: object, processes: bool) -> Discovery:
     whole, handles, mig_on = [], {}, set()
     slices: dict[int, list[Gpu]] = {}
     found: list[Process] = []
+    apps_problem = ""
     for index in range(nvml.nvmlDeviceGetCount()):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         handles[index] = handle
@@ -352,8 +378,14 @@ def _ask_nvml(nvml: object, processes: bool) -> Discovery:
                         index,
                     )
                 )
-        if processes:
-            for app in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if processes and not apps_problem:
+            try:
+                apps = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except nvml.NVMLError as exc:
+                apps_problem = f"NVML compute processes: {exc}"
+                found = []
+                apps = []
+            for app in apps:
                 used = app.usedGpuMemory
                 found.append(Process(index, app.pid, -1 if used is None else used // 2**20, ""))
     links: dict[tuple[int, int], int] = {}
@@ -363,7 +395,7 @@ def _ask_nvml(nvml: object, processes: bool) -> Discovery:
                 distance = _nvml_distance(nvml, handles[a], handles[b], whole[b].bus_id)
                 links[(a, b)] = links[(b, a)] = distance
     gpus = _with_slices(whole, mig_on, slices)
-    return Discovery("nvml", tuple(gpus), tuple(found), links, "")
+    return Discovery("nvml", tuple(gpus), tuple(found), links, "", apps_problem)
 
 
 def _nvml_distance(nvml: object, a: object, b: object, b_bus: str) -> int:

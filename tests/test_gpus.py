@@ -642,3 +642,63 @@ def test_duplicates_in_discovery_give_each_gpu_and_cpu_once(gpurun):
     assert cpus.returncode == 0, cpus.stderr
     held = parse_cpulist(read_json(gpurun.tmp / "c.start")["env"]["GPURUN_CPUS"])
     assert len(held) == len(set(held)) == 34
+
+
+def _smi_with_apps(gpurun, mode: str) -> None:
+    """ws4, but `--query-compute-apps` fails (exit 1) or hangs."""
+    wrapper = gpurun.tmp / "smi-wrapper"
+    act = "echo 'Unknown Error' ; exit 1" if mode == "fail" else "exec sleep 60"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case "$2" in --query-compute-apps=*) {act} ;; esac\n'
+        f'exec {FIXTURES / "fake-nvidia-smi"} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    gpurun.use_machine("ws4")
+    gpurun.env["GPURUN_NVIDIA_SMI"] = f"{wrapper} {FIXTURES / 'ws4'}"
+
+
+@pytest.mark.parametrize("mode", ["fail", "hang"])
+def test_a_failing_process_query_keeps_the_gpus_and_is_reported(gpurun, mode):
+    import time
+
+    _smi_with_apps(gpurun, mode)
+
+    began = time.monotonic()
+    job = gpurun.run("-g", "1", "--no-wait", "--", "true")
+    took = time.monotonic() - began
+    doctor = gpurun.run("doctor", "--json")
+    gpurun.write_config("gpus: auto\ncpus: auto\nexternal: ignore\n")
+    ignored = gpurun.run("-g", "1", "--no-wait", "--", "true")
+
+    assert job.returncode == 75, job.stderr
+    assert "busy outside gpurun: GPU 0: unknown" in job.stderr and took < 15
+    report = json.loads(doctor.stdout)
+    assert report["gpus"] == [0, 1, 2, 3]
+    assert any("--query-compute-apps" in problem for problem in report["problems"])
+    assert ignored.returncode == 0, ignored.stderr
+
+
+def test_a_bad_nvidia_smi_variable_is_blamed_on_the_variable(gpurun):
+    gpurun.write_config("gpus: auto\n")
+
+    result = gpurun.run("ps", env=dict(gpurun.env, GPURUN_NVIDIA_SMI="'x"))
+
+    assert result.returncode == 125
+    assert (
+        result.stderr.startswith("gpurun: $GPURUN_NVIDIA_SMI: ") and "'gpus'" not in result.stderr
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def test_the_parent_jobs_own_process_is_not_outside_use_for_inner_jobs(gpurun):
+    recordings = _recordings(gpurun, "ws4")
+    gpurun.use_machine("ws4", recordings=recordings)
+    apps = recordings / "compute-apps.csv"
+    line = "GPU-3f0b9a52-77c1-11ee-a001-000000000001, $$, 900, python"
+    inner = " ".join([gpurun_path(), "-g", "1", "--no-wait", "--", *gpurun.probe("inner")])
+
+    result = gpurun.run("--gpu-ids", "1", "--", "sh", "-c", f'echo "{line}" > {apps}; exec {inner}')
+
+    assert result.returncode == 0, result.stderr
+    assert read_json(gpurun.tmp / "inner.start")["env"]["GPURUN_GPUS"] == "1"
