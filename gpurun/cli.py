@@ -523,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was reserved", EXIT_INTERRUPTED)
+    except SystemExit as exc:
+        # argparse's --help prints the help and exits; main returns the code instead.
+        return exc.code if isinstance(exc.code, int) else 0
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

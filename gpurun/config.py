@@ -87,8 +87,8 @@ class Config(_ConfigBase):
     "ignore"; external_memory_mb: int; sysfs_root: str; nvidia_smi: the configured command or
     None. gpu_mask: the ids an inherited $CUDA_VISIBLE_DEVICES allows, or None; mask_form:
     "index" or "uuid", how it named them (and so how to export them); mask_note: what the
-    mask named that this server does not have ("" if nothing); parent_job: the job id this
-    gpurun runs inside ($GPURUN_JOB_ID), whose lease it subdivides, or None.
+    mask named that this server does not have ("" if nothing); parent_job: the id of the job
+    this gpurun provably runs inside (masks.parent_lease), whose lease it subdivides, or None.
     backend: "local" (gpurun runs jobs itself) or "slurm" (it hands them to srun and sbatch);
     slurm_partition, slurm_account: passed to Slurm as --partition and --account, or None.
     """
@@ -160,8 +160,13 @@ def build_config(
             state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
 
     smi = raw.get("nvidia_smi")
-    if smi is not None and (not isinstance(smi, str) or not smi.strip()):
+    if smi is not None and (not isinstance(smi, str) or not _is_command(smi)):
         raise fail("nvidia_smi", "must be a command, such as /usr/bin/nvidia-smi")
+    smi_env = os.environ.get("GPURUN_NVIDIA_SMI")
+    if smi_env and not _is_command(smi_env):
+        raise ConfigError(
+            "$GPURUN_NVIDIA_SMI", f"'{smi_env}' is not a command line, such as /usr/bin/nvidia-smi"
+        )
     root = raw.get("sysfs_root")
     if root is not None and (not isinstance(root, str) or not os.path.isdir(root)):
         raise fail("sysfs_root", f"must be a folder that exists, not {_yaml(root)}")
@@ -215,17 +220,18 @@ def build_config(
             "external_memory_mb", f"must be a whole number of MiB >= 0, not {_yaml(external_mb)}"
         )
 
-    from gpurun.masks import inherited_mask, parent_job
+    from gpurun.masks import inherited_mask, parent_lease
 
     gpu_mask, mask_form, mask_note = inherited_mask(gpus, devices)
-    parent = parent_job()
+    parent = parent_lease(state_dir, name)
     if parent is not None:
-        # Inside a gpurun job: its lease is this gpurun's whole server, in a private ledger.
-        job_id, job_cpus = parent
-        gpus = [g for g in gpus if gpu_mask is None or g in gpu_mask]
-        cpus = [c for c in cpus if c in job_cpus]
+        # Inside a gpurun job: its lease, as its ledger records it, is this gpurun's whole
+        # server, in a private ledger. An inherited mask can only narrow it.
+        folder, lease = parent
+        gpus = [g for g in gpus if g in lease.gpus and (gpu_mask is None or g in gpu_mask)]
+        cpus = [c for c in cpus if c in lease.cpus]
         gpu_mask = None
-        state_dir = os.path.join(state_dir, "jobs", f"{name}.{job_id}.d")
+        state_dir = os.path.join(folder, "jobs", f"{name}.{lease.id}.d")
 
     topology = None
     buses = {gpu.id: gpu.bus_id for gpu in devices.values() if gpu.bus_id}
@@ -300,7 +306,7 @@ def build_config(
         gpu_mask=gpu_mask,
         mask_form=mask_form,
         mask_note=mask_note,
-        parent_job=parent[0] if parent else None,
+        parent_job=str(parent[1].id) if parent else None,
         backend=backend,
         **slurm,
     )
@@ -403,6 +409,16 @@ def _is_name(text: str) -> bool:
         and text[0] != "."
         and all(c.isascii() and (c.isalnum() or c in "._-") for c in text)
     )
+
+
+def _is_command(text: str) -> bool:
+    """Whether a shell-like command line splits into words, as gpus.smi_command splits it."""
+    import shlex
+
+    try:
+        return bool(shlex.split(text))
+    except ValueError:
+        return False
 
 
 def _is_slurm_word(text: str) -> bool:

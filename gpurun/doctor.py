@@ -324,7 +324,8 @@ def gpu_report(config: Config, problems: list[str], notes: list[str]) -> dict[st
         source = {"source": discovery.source, "problem": discovery.problem}
         if (discovery.source != "none" and config.nvidia_smi) or discovery.source == "nvidia-smi":
             source["command"] = " ".join(_smi(config))
-    outside = external_use(config, discovery)
+    # Inside a job, its GPUs are its own: nothing on them is outside use (external.py).
+    outside = {} if config.parent_job is not None else external_use(config, discovery)
     owners = {}
     if discovery is not None:
         for process in discovery.processes:
@@ -374,6 +375,16 @@ def gpu_report(config: Config, problems: list[str], notes: list[str]) -> dict[st
                 "they are not handed out (external: avoid)"
                 if mode == "avoid"
                 else "handed out anyway (external: ignore)"
+            )
+        )
+    if discovery is not None and discovery.apps_problem:
+        problems.append(
+            f"{discovery.apps_problem}: whether the GPUs are busy outside gpurun is unknown, "
+            + (
+                "so none is handed out until the query works again (set external: ignore to "
+                "hand them out anyway)"
+                if config.external == "avoid"
+                else "and external: ignore hands them out anyway"
             )
         )
     if config.gpu_mask is not None:

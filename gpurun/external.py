@@ -8,6 +8,16 @@ checked: a config that declares `gpus:` has no one to ask.
 
 The facts come from discovery (gpus.py), which runs when the config is read; a gpurun that
 places jobs long after that (a job ending, a waiting job waking) asks again first.
+
+When the compute processes cannot be listed (the query failed or timed out), outside use is
+unknown, and with `avoid` every GPU counts as busy outside gpurun until a later query answers:
+handing out a GPU that may be someone else's is the failure `avoid` exists to prevent, while
+waiting costs only time, and `external: ignore` lifts it.
+
+Inside a gpurun job (config.parent_job), the inventory is the job's own lease: the processes
+and memory on those GPUs are the job's (its gpurun can tell them from nobody else's), and a
+process of anyone else there is already a violation the shared ledger's `status` shows. So
+nothing there counts as outside use: inner jobs never wait behind their parent's process.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ def current_discovery(config: Config, max_age: float | None = None) -> Discovery
 
 def busy_outside(config: Config, max_age: float | None = None) -> dict[int, str]:
     """{GPU id: why} for GPUs in use outside any lease that holds them; {} with `ignore`."""
-    if config.external == "ignore":
+    if config.external == "ignore" or config.parent_job is not None:
         return {}
     return external_use(config, current_discovery(config, max_age))
 
@@ -62,6 +72,11 @@ def external_use(config: Config, discovery: Discovery | None) -> dict[int, str]:
         if gpu.id not in found and gpu.used_mb > config.external_memory_mb:
             found[gpu.id] = (
                 f"{gpu.used_mb} MiB in use (above external_memory_mb {config.external_memory_mb})"
+            )
+    if discovery.apps_problem:
+        for gpu_id in config.gpus:
+            found.setdefault(
+                gpu_id, f"unknown, processes cannot be listed ({discovery.apps_problem})"
             )
     if found:
         log.debug("GPUs busy outside gpurun: %s", found)

@@ -25,6 +25,11 @@ log = get_logger(__name__)
 QUERY = "index,uuid,pci.bus_id,name,memory.total,memory.used,mig.mode.current"
 APPS_QUERY = "gpu_uuid,pid,used_memory,process_name"
 MIG_BASE = 1000
+# Seconds each nvidia-smi call may take. Discovery runs on every launch and before every
+# hand-off, so a hung driver must cost little: the inventory query gets a few seconds, the
+# others (processes, MIG list, links), which only refine it, less.
+QUERY_TIMEOUT = 8.0
+SECONDARY_TIMEOUT = 3.0
 
 # Link distances, smaller is closer, from `nvidia-smi topo -m`'s legend: NV# (NVLink with #
 # links) beats a single PCIe switch (PIX), several switches (PXB), a host bridge (PHB), the
@@ -34,7 +39,9 @@ FARTHEST = 15
 
 _GpuBase = namedtuple("_GpuBase", "id index uuid bus_id name memory_mb used_mb parent")
 _ProcessBase = namedtuple("_ProcessBase", "gpu pid used_mb name")
-_DiscoveryBase = namedtuple("_DiscoveryBase", "source gpus processes links problem")
+_DiscoveryBase = namedtuple(
+    "_DiscoveryBase", "source gpus processes links problem apps_problem", defaults=("",)
+)
 
 
 class Gpu(_GpuBase):
@@ -55,7 +62,8 @@ class Discovery(_DiscoveryBase):
     """What discovery found: source ("nvml", "nvidia-smi" or "none"), gpus (tuple of Gpu, MIG
     slices in place of the GPUs they split), processes (tuple of Process), links ({(a, b):
     distance} between whole GPUs, both orders, empty when unknown), problem ("" or why none
-    were found, for `doctor`)."""
+    were found, for `doctor`), apps_problem ("" or why the compute processes could not be
+    listed: then `processes` is empty and outside use is unknown, see external.py)."""
 
     __slots__ = ()
 
@@ -120,12 +128,12 @@ class _Unavailable(Exception):
     """This way of asking for GPUs does not work on this host."""
 
 
-def _run(command: list[str], *args: str) -> str:
+def _run(command: list[str], *args: str, timeout: float = SECONDARY_TIMEOUT) -> str:
     import subprocess
 
     try:
         result = subprocess.run(
-            [*command, *args], capture_output=True, text=True, timeout=30, check=False
+            [*command, *args], capture_output=True, text=True, timeout=timeout, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise _Unavailable(f"cannot run {command[0]}: {exc}") from None
@@ -136,14 +144,19 @@ def _run(command: list[str], *args: str) -> str:
 
 
 def _discover_smi(command: list[str], processes: bool) -> Discovery:
-    text = _run(command, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits")
+    text = _run(
+        command, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", timeout=QUERY_TIMEOUT
+    )
     whole = []
     mig_on = set()
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",")]
-        if len(fields) < 5 or not fields[0].isdigit():
+        if len(fields) < 5 or not _digits(fields[0]):
             continue
         index = int(fields[0])
+        if any(gpu.index == index or gpu.uuid == fields[1] for gpu in whole):
+            log.debug("nvidia-smi listed GPU %d twice; keeping the first line", index)
+            continue
         whole.append(
             Gpu(
                 index,
@@ -158,19 +171,34 @@ def _discover_smi(command: list[str], processes: bool) -> Discovery:
         )
         if len(fields) > 6 and fields[6].lower() == "enabled":
             mig_on.add(index)
-    slices = parse_mig_list(_run(command, "-L"), whole) if mig_on else {}
+    # The queries after the first only refine what it found, so one that fails or hangs
+    # loses what it would have added, never the GPUs: a GPU whose MIG slices cannot be listed
+    # has none to hand out, and unknown processes are reported as such.
+    slices: dict[int, list[Gpu]] = {}
+    if mig_on:
+        try:
+            slices = parse_mig_list(_run(command, "-L"), whole)
+        except _Unavailable as exc:
+            log.debug("cannot list MIG slices: %s", exc)
     gpus = _with_slices(whole, mig_on, slices)
     found = []
+    apps_problem = ""
     if processes and gpus:
-        apps = _run(command, f"--query-compute-apps={APPS_QUERY}", "--format=csv,noheader,nounits")
-        found = parse_apps(apps, whole, gpus)
+        try:
+            apps = _run(
+                command, f"--query-compute-apps={APPS_QUERY}", "--format=csv,noheader,nounits"
+            )
+            found = parse_apps(apps, whole, gpus)
+        except _Unavailable as exc:
+            apps_problem = f"nvidia-smi --query-compute-apps: {exc}"
+            log.debug("cannot list compute processes: %s", exc)
     links: dict[tuple[int, int], int] = {}
     if len(whole) > 1:
         try:
             links = parse_topo(_run(command, "topo", "-m"))
         except _Unavailable as exc:
             log.debug("no link topology: %s", exc)
-    return Discovery("nvidia-smi", tuple(gpus), tuple(found), links, "")
+    return Discovery("nvidia-smi", tuple(gpus), tuple(found), links, "", apps_problem)
 
 
 def parse_mig_list(text: str, whole: list[Gpu]) -> dict[int, list[Gpu]]:
@@ -183,12 +211,14 @@ def parse_mig_list(text: str, whole: list[Gpu]) -> dict[int, list[Gpu]]:
         words = line.strip()
         if words.startswith("GPU ") and ":" in words:
             number = words[4 : words.index(":")]
-            parent = int(number) if number.isdigit() else None
+            parent = int(number) if _digits(number) else None
         elif words.startswith("MIG ") and parent in by_index and "UUID: " in words:
             head, _, rest = words.partition(" Device ")
             number = rest.split(":", 1)[0].strip()
             uuid = rest.split("UUID: ", 1)[1].rstrip(") ").strip()
-            if not number.isdigit():
+            if not _digits(number):
+                continue
+            if any(g.id == mig_id(parent, int(number)) for g in slices.get(parent, ())):
                 continue
             gpu = by_index[parent]
             slices.setdefault(parent, []).append(
@@ -217,7 +247,7 @@ def parse_apps(text: str, whole: list[Gpu], gpus: list[Gpu]) -> list[Process]:
     found = []
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",", 3)]
-        if len(fields) < 2 or not fields[1].isdigit():
+        if len(fields) < 2 or not _digits(fields[1]):
             continue
         gpu_id = by_uuid.get(fields[0])
         if gpu_id is None:
@@ -237,11 +267,11 @@ def parse_topo(text: str) -> dict[tuple[int, int], int]:
     links: dict[tuple[int, int], int] = {}
     for line in lines[1:]:
         cells = line.split()
-        if not cells or not cells[0].startswith("GPU") or not cells[0][3:].isdigit():
+        if not cells or not cells[0].startswith("GPU") or not _digits(cells[0][3:]):
             continue
         a = int(cells[0][3:])
         for column in gpu_columns:
-            if column + 1 >= len(cells) or not columns[column][3:].isdigit():
+            if column + 1 >= len(cells) or not _digits(columns[column][3:]):
                 continue
             b = int(columns[column][3:])
             if a != b:
@@ -251,7 +281,7 @@ def parse_topo(text: str) -> dict[tuple[int, int], int]:
 
 def link_distance(label: str) -> int:
     """NV12 -> 1 (more NVLinks are closer), PIX -> 10 ... SYS -> 14, anything else farthest."""
-    if label.startswith("NV") and label[2:].isdigit():
+    if label.startswith("NV") and _digits(label[2:]):
         return max(1, 10 - int(label[2:]))
     return LINK_DISTANCE.get(label, FARTHEST)
 
@@ -275,9 +305,15 @@ def _bus_id(text: str) -> str:
     return text
 
 
+def _digits(text: str) -> bool:
+    """Whether `text` is a whole number in ASCII digits, the only ones int() should get here
+    (str.isdigit() is true for "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _mb(text: str) -> int:
     text = text.strip().removesuffix("MiB").strip()
-    return int(text) if text.isdigit() else -1
+    return int(text) if _digits(text) else -1
 
 
 def _discover_nvml(processes: bool) -> Discovery:
@@ -302,6 +338,7 @@ def _ask_nvml(nvml: object, processes: bool) -> Discovery:
     whole, handles, mig_on = [], {}, set()
     slices: dict[int, list[Gpu]] = {}
     found: list[Process] = []
+    apps_problem = ""
     for index in range(nvml.nvmlDeviceGetCount()):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         handles[index] = handle
@@ -341,8 +378,14 @@ def _ask_nvml(nvml: object, processes: bool) -> Discovery:
                         index,
                     )
                 )
-        if processes:
-            for app in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if processes and not apps_problem:
+            try:
+                apps = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except nvml.NVMLError as exc:
+                apps_problem = f"NVML compute processes: {exc}"
+                found = []
+                apps = []
+            for app in apps:
                 used = app.usedGpuMemory
                 found.append(Process(index, app.pid, -1 if used is None else used // 2**20, ""))
     links: dict[tuple[int, int], int] = {}
@@ -352,7 +395,7 @@ def _ask_nvml(nvml: object, processes: bool) -> Discovery:
                 distance = _nvml_distance(nvml, handles[a], handles[b], whole[b].bus_id)
                 links[(a, b)] = links[(b, a)] = distance
     gpus = _with_slices(whole, mig_on, slices)
-    return Discovery("nvml", tuple(gpus), tuple(found), links, "")
+    return Discovery("nvml", tuple(gpus), tuple(found), links, "", apps_problem)
 
 
 def _nvml_distance(nvml: object, a: object, b: object, b_bus: str) -> int:

@@ -430,17 +430,7 @@ def _is_gpurun(pid: int) -> bool:
 
 
 def _ancestors() -> set[int]:
-    found = set()
-    pid = os.getpid()
-    while pid > 1 and pid not in found:
-        found.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            break
-        pid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-    return found
+    return set(liveness.ancestry())
 
 
 def _signal_job(lease: Lease, lock_path: str, signum: int, checked: bool = False) -> bool:

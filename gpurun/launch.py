@@ -137,7 +137,7 @@ def run_job(
         from gpurun.reservations import run_inside
 
         return run_inside(config, spec, executable, argv)
-    check_possible(spec.request, usable_gpus(config), config.cpus)
+    check_possible(spec.request, usable_gpus(config), config.cpus, mask_note(config))
     check_limits(spec.request, config.limits, config.server, config.path)
     if spec.priority > 0 and os.geteuid() != 0:
         raise RefusedError(f"only root may raise --priority above 0 (asked {spec.priority})")
@@ -212,11 +212,12 @@ def reserve(
                         pass
                     elif not wait:
                         raise BusyError(
-                            f"{describe_busy(spec.request, config, state)}; not waiting (--no-wait)"
+                            f"{describe_busy(spec.request, config, state, outside)}; "
+                            "not waiting (--no-wait)"
                         )
                     else:
                         position, queued = _position(state, entry)
-                        busy = describe_busy(spec.request, config, state)
+                        busy = describe_busy(spec.request, config, state, outside)
             forget_dead(ledger, dead, now)
             if callable(on_queued):
                 on_queued(entry)
@@ -336,8 +337,24 @@ def place_admitted(
     handed out.
     """
     state.admitted = True
-    admitted = admit(
-        state.leases,
+    admitted = admit_on(config, state.leases, now, dependencies, outside)
+    for lease_id, (gpus, cpus) in admitted.items():
+        lease = state.find(lease_id)
+        state.replace(lease._replace(state="running", gpus=gpus, cpus=cpus, placed=now))
+
+
+def admit_on(
+    config: Config,
+    leases: list[Lease],
+    now: float,
+    dependencies: object,
+    outside: dict[int, str] | None = None,
+) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """admission.admit with everything this host's placement uses: its inventory, topology
+    and the GPUs busy outside gpurun. Jobs and reservations (`alloc`) both come through here,
+    so both are placed by the same rules."""
+    return admit(
+        leases,
         config.gpus,
         config.cpus,
         now,
@@ -345,9 +362,6 @@ def place_admitted(
         config.topology,
         frozenset(outside or ()),
     )
-    for lease_id, (gpus, cpus) in admitted.items():
-        lease = state.find(lease_id)
-        state.replace(lease._replace(state="running", gpus=gpus, cpus=cpus, placed=now))
 
 
 def reap_dead(ledger: Ledger, state: State, now: float) -> list[Lease]:
@@ -402,8 +416,11 @@ def held_ids(leases: list[Lease]) -> tuple[set[int], set[int]]:
     return gpus, cpus
 
 
-def describe_busy(request: Request, config: Config, state: State) -> str:
-    """One phrase: what the request waits for and which jobs hold it."""
+def describe_busy(
+    request: Request, config: Config, state: State, outside: dict[int, str] | None = None
+) -> str:
+    """One phrase: what the request waits for, which jobs hold it, and what else keeps GPUs
+    from it (an inherited mask, use outside gpurun)."""
     running = [lease for lease in state.leases if lease.state == "running"]
     waiting = [lease for lease in state.leases if lease.state == "waiting"]
     held_gpus, held_cpus = held_ids(running)
@@ -420,10 +437,28 @@ def describe_busy(request: Request, config: Config, state: State) -> str:
     )
     if holders:
         text += f" by jobs {holders}"
+    text += not_handed_out(config, outside, held_gpus)
     others = len(waiting) - 1
     if others > 0:
         text += f"; {others} other {'job waits' if others == 1 else 'jobs wait'}"
     return text
+
+
+def not_handed_out(
+    config: Config, outside: dict[int, str] | None, held: set[int] | frozenset[int] = frozenset()
+) -> str:
+    """ "; ..." naming the GPUs no lease holds that are kept from jobs anyway: outside an
+    inherited mask, or busy outside gpurun; "" when there are none."""
+    parts = []
+    if config.gpu_mask is not None:
+        allowed = ",".join(map(str, usable_gpus(config))) or "none"
+        parts.append(f"$CUDA_VISIBLE_DEVICES allows only GPUs {allowed}")
+    busy = sorted(g for g in outside or () if g in config.gpus and g not in held)
+    if busy:
+        listed = "; ".join(f"GPU {g}: {outside[g]}" for g in busy[:4])
+        more = f" and {len(busy) - 4} more" if len(busy) > 4 else ""
+        parts.append(f"busy outside gpurun: {listed}{more}")
+    return "".join(f"; {part}" for part in parts)
 
 
 def usable_gpus(config: Config) -> tuple[int, ...]:
@@ -433,19 +468,33 @@ def usable_gpus(config: Config) -> tuple[int, ...]:
     return tuple(g for g in config.gpus if g in config.gpu_mask)
 
 
+def mask_note(config: Config) -> str:
+    """What an inherited mask hides, for a capacity message; "" when it hides nothing."""
+    hidden = len(config.gpus) - len(usable_gpus(config))
+    if not hidden:
+        return ""
+    return f"$CUDA_VISIBLE_DEVICES hides the other {_plural(hidden, 'GPU')} of {len(config.gpus)}"
+
+
 def export_form(config: Config) -> str:
     """How CUDA_VISIBLE_DEVICES names GPUs: as an inherited mask did, else `visible_devices`."""
     return config.mask_form if config.gpu_mask is not None else config.visible_devices
 
 
+def visible_devices(config: Config, gpus: tuple[int, ...]) -> str:
+    """CUDA_VISIBLE_DEVICES for a lease of this host on `gpus`, for a job or a reservation:
+    in the form export_form says, a MIG slice always by its UUID."""
+    from gpurun.masks import export_gpus
+
+    return export_gpus(gpus, config.devices, export_form(config))
+
+
 def job_env(lease: Lease, config: Config) -> dict[str, str]:
     """The job's environment: CUDA_VISIBLE_DEVICES replaces any inherited value (it never
     adds to it); GPURUN_GPUS has the physical ids, whatever form CUDA gets."""
-    from gpurun.masks import export_gpus
-
     env = dict(os.environ)
     ids = ",".join(map(str, lease.gpus))
-    env["CUDA_VISIBLE_DEVICES"] = export_gpus(lease.gpus, config.devices, export_form(config))
+    env["CUDA_VISIBLE_DEVICES"] = visible_devices(config, lease.gpus)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["GPURUN_JOB_ID"] = str(lease.id)
     env["GPURUN_GPUS"] = ids

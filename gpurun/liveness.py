@@ -134,6 +134,25 @@ def lease_alive(lease: object, lock_path: str, now: float) -> bool:
     return any(holder_alive(h.pid, h.start) for h in lease.holders)
 
 
+def ancestry() -> dict[int, int]:
+    """This process and its ancestors up to init: {pid: start time in clock ticks}."""
+    found: dict[int, int] = {}
+    pid = os.getpid()
+    while pid > 1 and pid not in found:
+        try:
+            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                stat = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+        except OSError:
+            break
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        found[pid] = int(fields[19])
+        pid = int(fields[1])
+    return found
+
+
 def lock_holders(path: str) -> list[int]:
     """The pids of the processes that have `path` open (those this user may look at), as
     /proc/PID/fd shows them; for a job lock, the job's processes."""

@@ -4,18 +4,27 @@ A gpurun started with CUDA_VISIBLE_DEVICES set (by Slurm, a container, a parent 
 hand out only those GPUs. Their names are read as CUDA reads them (the CUDA C Programming
 Guide, "CUDA Environment Variables"): indices, which gpurun takes as nvidia-smi's (PCI bus
 order, the order CUDA_DEVICE_ORDER=PCI_BUS_ID gives), or UUIDs (GPU-..., MIG-..., or a unique
-prefix of one); the list ends at the first name that is neither, as it does for CUDA.
+prefix of one); the list ends at the first name that is neither, as it does for CUDA. An
+index is ASCII digits only: CUDA reads nothing else as a number, so an Arabic-Indic one
+or a superscript two ends the list instead of naming GPU 1 or 2.
+
+A gpurun inside a gpurun job subdivides the job's lease, but only when it can prove that it
+runs inside that job (`parent_lease`); environment variables alone prove nothing, since anyone
+can set them.
 """
 
 from __future__ import annotations
 
 import os
 
-from gpurun.cpulist import parse_cpulist
+from gpurun.log import get_logger
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from gpurun.gpus import Gpu
+    from gpurun.ledger import Lease
+
+log = get_logger(__name__)
 
 
 def inherited_mask(
@@ -32,7 +41,7 @@ def inherited_mask(
     for name in (part.strip() for part in value.split(",")):
         if not name:
             break
-        if name.isdigit():
+        if name.isascii() and name.isdigit():
             gpu_id = int(name)
         elif name.startswith(("GPU-", "MIG-")):
             form = "uuid"
@@ -57,26 +66,116 @@ def _by_uuid(name: str, devices: dict[int, Gpu]) -> int | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def parent_job() -> tuple[str, set[int]] | None:
-    """(the job id, its CPUs) when this gpurun runs inside a gpurun job, else None.
+def parent_lease(state_dir: str, server: str) -> tuple[str, Lease] | None:
+    """(the folder of its ledger, the lease) of the gpurun job this process provably runs in.
 
-    A job's environment has GPURUN_JOB_ID together with GPURUN_GPUS and GPURUN_CPUS; an
-    `on_finish` hook gets GPURUN_JOB_ID alone and is no job.
+    Proof is the job's lock, `jobs/SERVER.ID.lock` in the state dir of the ledger that holds
+    the job (see liveness.py): gpurun passes it to the command as an open descriptor, so every
+    process of the job has it open, and no process outside the job can. The lease must also be
+    live, and its id the one $GPURUN_JOB_ID names. A job inside a job has its lock under the
+    parent's private state dir (`jobs/SERVER.ID.d/`), so the deepest lock open here names the
+    innermost job. A process that closed the descriptors it inherited (Python's subprocess
+    does, unless told close_fds=False) is proven instead by one of the job's holders (its
+    gpurun or command, by pid and start time) among its ancestors; that works for a job of
+    the shared ledger, not for one nested inside another. Anything short of proof (the
+    variables set by hand, a copied environment) gives None: this gpurun then uses the
+    shared ledger, as one started outside any job does. Costs nothing without
+    $GPURUN_JOB_ID, else one ledger read.
     """
     job = os.environ.get("GPURUN_JOB_ID")
-    if not job or "GPURUN_GPUS" not in os.environ or "GPURUN_CPUS" not in os.environ:
+    if not job:
         return None
-    if not job.isdigit():
-        from gpurun.errors import ConfigError
+    if not (job.isascii() and job.isdigit()):
+        log.debug("$GPURUN_JOB_ID %r is no job id; running as a top-level gpurun", job)
+        return None
+    found = _deepest_job_lock(os.path.realpath(state_dir), server)
+    if found is None:
+        # Python's subprocess closes inherited descriptors unless told close_fds=False: then
+        # proof is a holder of the job (its gpurun or command, by pid and start time) among
+        # this process's ancestors. Only a job of the shared ledger is found this way.
+        found = (state_dir, int(job))
+        by_ancestry = True
+    elif found[1] != int(job):
+        log.debug("no lock of job %s is open in this process; running as a top-level gpurun", job)
+        return None
+    else:
+        by_ancestry = False
+    folder, lease_id = found
 
-        raise ConfigError("$GPURUN_JOB_ID", f"'{job}' is not a job id")
+    import time
+
+    from gpurun.errors import LedgerError
+    from gpurun.ledger import Ledger
+
+    ledger = Ledger(folder, server)
     try:
-        cpus = set(parse_cpulist(os.environ["GPURUN_CPUS"]))
-    except ValueError:
-        cpus = set()
-    if not cpus:
-        cpus = set(os.sched_getaffinity(0))
-    return job, cpus
+        lease = ledger.read().find(lease_id)
+    except LedgerError as exc:
+        log.debug("job %s's ledger cannot be read (%s); running as a top-level gpurun", job, exc)
+        return None
+    if lease is None or lease.kind != "job" or lease.state != "running":
+        log.debug("job %s holds no lease in %s; running as a top-level gpurun", job, ledger.path)
+        return None
+    if by_ancestry:
+        from gpurun.liveness import ancestry
+
+        mine = ancestry()
+        if not any(mine.get(holder.pid) == holder.start for holder in lease.holders):
+            log.debug("job %s is not an ancestor of this process; running as top-level", job)
+            return None
+    if not ledger.alive(lease, time.time()):
+        return None
+    return folder, lease
+
+
+def _deepest_job_lock(state_dir: str, server: str) -> tuple[str, int] | None:
+    """(the state dir, the job id) of the deepest job lock of `server` under `state_dir` that
+    this process has open, checked by inode against the file now at that path."""
+    prefix = f"{server}."
+    best: tuple[str, int] | None = None
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        folder, name = os.path.split(path)
+        if os.path.basename(folder) != "jobs" or not name.startswith(prefix):
+            continue
+        number = name[len(prefix) :].removesuffix(".lock")
+        if not name.endswith(".lock") or not (number.isascii() and number.isdigit()):
+            continue
+        owner_dir = os.path.dirname(folder)
+        if not _inside(owner_dir, state_dir, server):
+            continue
+        try:
+            opened, current = os.fstat(int(fd)), os.stat(path)
+        except OSError:
+            continue
+        if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+            continue
+        if best is None or len(owner_dir) > len(best[0]):
+            best = (owner_dir, int(number))
+    return best
+
+
+def _inside(folder: str, state_dir: str, server: str) -> bool:
+    """Whether `folder` is `state_dir` or a job's private state dir nested below it."""
+    while folder != state_dir:
+        parent, name = os.path.split(folder)
+        number = name[len(server) + 1 :].removesuffix(".d")
+        if (
+            os.path.basename(parent) != "jobs"
+            or not name.startswith(f"{server}.")
+            or not name.endswith(".d")
+            or not (number.isascii() and number.isdigit())
+        ):
+            return False
+        folder = os.path.dirname(parent)
+    return True
 
 
 def export_gpus(ids: tuple[int, ...], devices: dict[int, Gpu], form: str) -> str:

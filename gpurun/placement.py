@@ -21,10 +21,16 @@ class Request(_RequestBase):
     __slots__ = ()
 
 
-def check_possible(request: Request, gpus: tuple[int, ...], cpus: tuple[int, ...]) -> None:
-    """Raise CapacityError when the request could never fit this server, even empty."""
+def check_possible(
+    request: Request, gpus: tuple[int, ...], cpus: tuple[int, ...], hidden: str = ""
+) -> None:
+    """Raise CapacityError when the request could never fit this server, even empty.
+
+    `hidden`: what keeps other GPUs of the server from it (an inherited mask), said with the
+    GPUs it has."""
+    where = f"; {hidden}" if hidden else ""
     have = (
-        f"this server has {_plural(len(gpus), 'GPU')} ({_ids(gpus)}) and "
+        f"this server has {_plural(len(gpus), 'GPU')} ({_ids(gpus)}{where}) and "
         f"{_plural(len(cpus), 'CPU')} ({_cpus(cpus)})"
     )
     if request.gpu_ids is not None:
@@ -85,13 +91,15 @@ def place(
     gpurun) are never chosen. CPUs: `pick_cpus_near` when the topology knows the CPUs, else
     the lowest run of consecutive free ids long enough, else the lowest free ids. A job gets
     at most one MIG slice, and never a slice together with other GPUs: CUDA can use only one
-    MIG device per process.
+    MIG device per process. No id is ever chosen twice, even when `gpus` or `cpus` list one
+    twice or the topology's cores overlap.
     """
+    gpus, cpus = tuple(dict.fromkeys(gpus)), tuple(dict.fromkeys(cpus))
     free_gpus = [g for g in gpus if g not in held_gpus and g not in unavailable]
     if request.gpu_ids is not None:
         if any(g not in free_gpus for g in request.gpu_ids):
             return None
-        chosen_gpus = tuple(request.gpu_ids)
+        chosen_gpus = tuple(dict.fromkeys(request.gpu_ids))
     else:
         if request.gpus > 1:
             free_gpus = [g for g in free_gpus if not _is_mig(g)]
@@ -104,8 +112,12 @@ def place(
         return None
     if topology is not None and topology.cpu_node:
         near = {topology.gpu_node[g] for g in chosen_gpus if g in topology.gpu_node}
-        return chosen_gpus, tuple(pick_cpus_near(free_cpus, request.cpus, near, topology))
-    return chosen_gpus, tuple(pick_cpus(free_cpus, request.cpus))
+        chosen_cpus = tuple(pick_cpus_near(free_cpus, request.cpus, near, topology))
+    else:
+        chosen_cpus = tuple(pick_cpus(free_cpus, request.cpus))
+    assert len(set(chosen_gpus)) == len(chosen_gpus), f"GPU chosen twice: {chosen_gpus}"
+    assert len(set(chosen_cpus)) == len(chosen_cpus), f"CPU chosen twice: {chosen_cpus}"
+    return chosen_gpus, chosen_cpus
 
 
 # Beyond this many candidate groups, GPUs are picked greedily instead of by trying them all.
@@ -226,7 +238,7 @@ def _take_from_node(cpus: list[int], need: int, free: set[int], topology: Topolo
     for cpu in cpus:
         if cpu in seen:
             continue
-        core = topology.cpu_core.get(cpu, (cpu,))
+        core = tuple(c for c in topology.cpu_core.get(cpu, (cpu,)) if c not in seen) or (cpu,)
         seen.update(core)
         if all(c in free for c in core):
             whole.append(core)

@@ -18,15 +18,21 @@ from gpurun.admission import READY, admit
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import BusyError, CapacityError, GpurunError, NotFoundError, RefusedError
+from gpurun.external import busy_outside
 from gpurun.launch import (
     Spec,
     _new_entry,
     _new_job,
     _user_name,
+    admit_on,
     forget_dead,
+    mask_note,
+    not_handed_out,
     open_ledger,
     reap_dead,
     run_reserved,
+    usable_gpus,
+    visible_devices,
 )
 from gpurun.ledger import NAMES_LOCK, Lease, Ledger, State
 from gpurun.placement import Request, check_limits, check_possible, place
@@ -99,6 +105,7 @@ def _allocate(
 
     ledger = open_ledger(config, server)
     ledger.ensure_dirs()
+    outside = busy_outside(config) if server == config.server else {}
     with ledger.transaction() as state:
         now = time.time()
         dead = reap_dead(ledger, state, now)
@@ -107,9 +114,9 @@ def _allocate(
         for lease in state.leases:
             if lease.name == name and ledger.alive(lease, now):
                 raise RefusedError(f"a live lease on {server} is already named '{name}'")
-        spot = _admitted_spot(state, inventory, request, now)
+        spot = _admitted_spot(config, server, state, inventory, request, now, outside)
         if spot is None:
-            busy = _busy(state, inventory, request, server)
+            busy = _busy(config, state, inventory, request, server, outside)
         else:
             lease = Lease(
                 id=state.take_id(),
@@ -140,15 +147,19 @@ def _allocate(
     forget_dead(ledger, dead, now)
     if spot is None:
         raise BusyError(busy)
-    return reservation_view(lease, server)
+    return reservation_view(config, lease, server)
 
 
-def reservation_view(lease: Lease, server: str) -> dict[str, object]:
+def reservation_view(config: Config, lease: Lease, server: str) -> dict[str, object]:
+    """What `alloc` and `release` print. CUDA_VISIBLE_DEVICES is exported as a job's would be
+    (launch.visible_devices: MIG slices and `visible_devices: uuid` by UUID); a reservation on
+    another server, whose UUIDs this host does not know, gets indices."""
     from gpurun.jobs import iso_time
 
     gpus = ",".join(map(str, lease.gpus))
+    exported = visible_devices(config, lease.gpus) if server == config.server else gpus
     env = {
-        "CUDA_VISIBLE_DEVICES": gpus,
+        "CUDA_VISIBLE_DEVICES": exported,
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "GPURUN_RESERVATION": lease.name,
         "GPURUN_GPUS": gpus,
@@ -190,7 +201,7 @@ def release(config: Config, ref: str, server: str | None = None) -> dict[str, ob
                 f"('gpurun kill {inside[0]}')"
             )
         state.finish(current.id, ledger.server, "released")
-    return reservation_view(current, ledger.server)
+    return reservation_view(config, current, ledger.server)
 
 
 def find_reservation(config: Config, ref: str, server: str | None = None) -> tuple[Ledger, Lease]:
@@ -228,6 +239,8 @@ def run_inside(config: Config, spec: Spec, executable: str, argv: list[str]) -> 
         )
     _check_owner(reservation, "run inside")
     ledger.ensure_dirs()
+    outside = busy_outside(config)
+    usable = usable_gpus(config)
 
     with ledger.transaction(block=supervise.BLOCKED) as state:
         now = time.time()
@@ -239,11 +252,22 @@ def run_inside(config: Config, spec: Spec, executable: str, argv: list[str]) -> 
         if request.cpus is None:
             per_gpu = len(current.cpus) // len(current.gpus) if current.gpus else 0
             request = request._replace(cpus=min(max(1, request.gpus * per_gpu), len(current.cpus)))
-        check_possible(request, current.gpus, current.cpus)
+        # Placed as a launch places a job: within an inherited mask, near its GPUs, and never
+        # on a GPU busy outside gpurun.
+        allowed = tuple(g for g in current.gpus if g in usable)
+        check_possible(request, allowed, current.cpus, mask_note(config))
         inside = [lease for lease in state.leases if lease.reservation == current.id]
         held_gpus = {g for lease in inside for g in lease.gpus}
         held_cpus = {c for lease in inside for c in lease.cpus}
-        spot = place(request, current.gpus, current.cpus, held_gpus, held_cpus)
+        spot = place(
+            request,
+            allowed,
+            current.cpus,
+            held_gpus,
+            held_cpus,
+            config.topology,
+            frozenset(outside),
+        )
         if spot is not None:
             lease_id, lock_fd = _new_job(ledger, state)
             entry = _new_entry(ledger, spec._replace(request=request), lease_id, now, False)
@@ -259,10 +283,12 @@ def run_inside(config: Config, spec: Spec, executable: str, argv: list[str]) -> 
         ids = ", ".join(str(lease.id) for lease in inside)
         free_gpus = len(current.gpus) - len(held_gpus)
         free_cpus = len(current.cpus) - len(held_cpus)
+        running = f"job {ids} runs inside it, leaving" if ids else "it has"
         raise BusyError(
-            f"reservation '{current.name}' has too little left: job {ids} runs inside it, "
-            f"leaving {_plural(free_gpus, 'GPU')} and {_plural(free_cpus, 'CPU')}; ask for "
-            "at most that with -g and -c (-c 0 for no CPUs)"
+            f"reservation '{current.name}' has too little left: {running} "
+            f"{_plural(free_gpus, 'GPU')} and {_plural(free_cpus, 'CPU')}"
+            f"{not_handed_out(config, outside, held_gpus)}; ask for at most that with -g and "
+            "-c (-c 0 for no CPUs)"
         )
     return run_reserved(ledger, config, entry, lock_fd, executable, argv)
 
@@ -306,21 +332,35 @@ def _request(
         per_gpu = len(all_cpus) // len(all_gpus) if all_gpus else 0
         cpus = min(max(1, gpus * per_gpu), len(all_cpus))
     request = Request(gpus, cpus, None)
-    check_possible(request, all_gpus, all_cpus)
+    if server == config.server:
+        check_possible(request, usable_gpus(config), all_cpus, mask_note(config))
+    else:
+        check_possible(request, all_gpus, all_cpus)
     entry = next((s for s in config.servers if s.name == server), None)
     check_limits(request, entry.limits if entry else config.limits, server, config.path)
     return request
 
 
 def _admitted_spot(
+    config: Config,
+    server: str,
     state: State,
     inventory: tuple[tuple[int, ...], tuple[int, ...]],
     request: Request,
     now: float,
+    outside: dict[int, str],
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Where the request goes if, arriving now behind every waiting job, it may start now."""
+    """Where the request goes if, arriving now behind every waiting job, it may start now.
+
+    On this host's server it is placed as a launch places a job (launch.admit_on): within an
+    inherited mask, by the topology, never on a GPU busy outside gpurun. Another server's
+    topology and outside use are unknown here, so there only the queue's rules apply."""
     probe = _new_probe(state, request, now)
-    admitted = admit([*state.leases, probe], *inventory, now, lambda lease: READY)
+    if server == config.server:
+        probe = probe._replace(gpu_mask=config.gpu_mask)
+        admitted = admit_on(config, [*state.leases, probe], now, lambda lease: READY, outside)
+    else:
+        admitted = admit([*state.leases, probe], *inventory, now, lambda lease: READY)
     return admitted.get(probe.id)
 
 
@@ -356,10 +396,12 @@ def _new_probe(state: State, request: Request, now: float) -> Lease:
 
 
 def _busy(
+    config: Config,
     state: State,
     inventory: tuple[tuple[int, ...], tuple[int, ...]],
     request: Request,
     server: str,
+    outside: dict[int, str],
 ) -> str:
     gpus, cpus = inventory
     held_gpus = {g for lease in state.leases for g in lease.gpus if g in gpus}
@@ -370,8 +412,10 @@ def _busy(
         f"{_plural(request.cpus, 'CPU')} now: "
         f"{len(held_gpus)} of {len(gpus)} GPUs and {len(held_cpus)} of {len(cpus)} CPUs are held"
     )
+    if server == config.server:
+        text += not_handed_out(config, outside, held_gpus)
     if waiting:
-        text += f" and {waiting} waiting jobs come first"
+        text += f"; {waiting} waiting jobs come first"
     return text + "; try later or another server (--server auto)"
 
 
@@ -391,7 +435,8 @@ def _pick_server(config: Config, gpus: int, cpus: int | None) -> str:
             continue
         live = [lease for lease in state.leases if ledger.alive(lease, now)]
         state = State(live, state.next_id, state.heartbeat)
-        if _admitted_spot(state, inventory, request, now) is None:
+        outside = busy_outside(config) if name == config.server else {}
+        if _admitted_spot(config, name, state, inventory, request, now, outside) is None:
             reasons.append(f"{name}: busy")
             continue
         held_gpus = {g for lease in live for g in lease.gpus}

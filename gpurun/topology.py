@@ -77,7 +77,11 @@ def read_topology(
         if cpu in cpu_core:
             continue
         path = os.path.join(cpu_dir, f"cpu{cpu}", "topology", "thread_siblings_list")
-        siblings = tuple(_cpulist(_read(path))) or (cpu,)
+        # Cores must not overlap: a sibling list that names a thread another core already
+        # has (an asymmetric tree, cpu16 saying "0,16" while cpu0 says "0,32") keeps only the
+        # threads no core has yet, and always the CPU itself.
+        listed = _cpulist(_read(path))
+        siblings = tuple(sorted({cpu, *(s for s in listed if s not in cpu_core)}))
         for sibling in siblings:
             cpu_core[sibling] = siblings
     if not nodes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from conftest import FIXTURES, read_json, wait_for, wait_json
@@ -388,6 +389,20 @@ def test_gpurun_inside_a_job_subdivides_its_lease_and_never_waits_behind_it(gpur
     assert not list((gpurun.state_dir / "jobs").glob("*.d"))
 
 
+def test_gpurun_started_by_python_subprocess_inside_a_job_still_subdivides_it(gpurun):
+    # subprocess closes the job lock's descriptor; the job's gpurun among the ancestors proves
+    # the parent instead, so the inner job does not queue behind its own parent.
+    gpurun.use_machine("ws4")
+    inner = [gpurun_path(), "--no-wait", "-g", "1", "-c", "1", "--", *gpurun.probe("inner")]
+    script = f"import subprocess, sys; sys.exit(subprocess.run({inner!r}).returncode)"
+
+    result = gpurun.run("-g", "4", "-c", "2", "--", sys.executable, "-c", script)
+
+    assert result.returncode == 0, result.stderr
+    env = read_json(gpurun.tmp / "inner.start")["env"]
+    assert env["GPURUN_GPUS"] in ("0", "1", "2", "3")
+
+
 def test_inner_gpurun_gets_only_the_parent_lease(gpurun):
     gpurun.use_machine("ws4")
     inner = ["-g", "2", "--", *gpurun.probe("inner")]
@@ -433,3 +448,272 @@ def test_status_shows_a_job_using_a_gpu_outside_its_lease_as_a_violation(gpurun)
     assert rows[1]["state"] == "external" and 1 not in status["gpus_free"]
     assert f"violation job {job_id} pid {pid}" in detail.stdout
     assert job.wait(timeout=30) == 0
+
+
+def test_inner_gpurun_takes_its_inventory_from_the_parent_lease_not_the_environment(gpurun):
+    gpurun.write_config("gpus: 8\ncpus: auto\nkill_grace: 1\nlock_timeout: 10\n")
+    inner = [gpurun_path(), "--no-wait"]
+
+    unmasked = gpurun.run(
+        "--gpu-ids", "7", "--", "env", "-u", "CUDA_VISIBLE_DEVICES", *inner, "-g", "2", "true"
+    )
+    other_mask = gpurun.run(
+        "--gpu-ids", "7", "--", "env", "CUDA_VISIBLE_DEVICES=0,1", *inner, "-g", "1", "true"
+    )
+    no_cpus = gpurun.run("-g", "1", "-c", "0", "--", *inner, "-g", "0", "-c", "1", "true")
+    own = gpurun.run(
+        "--gpu-ids",
+        "7",
+        "--",
+        "env",
+        "-u",
+        "CUDA_VISIBLE_DEVICES",
+        *inner,
+        "-g",
+        "1",
+        "-c",
+        "0",
+        "--",
+        *gpurun.probe("own"),
+    )
+
+    assert unmasked.returncode == 125 and "this server has 1 GPU (7)" in unmasked.stderr
+    assert other_mask.returncode == 125 and "0 GPUs" in other_mask.stderr
+    assert no_cpus.returncode == 125 and "0 CPUs" in no_cpus.stderr
+    assert "Traceback" not in unmasked.stderr + other_mask.stderr + no_cpus.stderr
+    assert own.returncode == 0, own.stderr
+    assert read_json(gpurun.tmp / "own.start")["env"]["GPURUN_GPUS"] == "7"
+
+
+def test_job_variables_without_the_job_lock_use_the_shared_ledger(gpurun):
+    release = gpurun.tmp / "release"
+    holder = gpurun.start("--gpu-ids", "0", "--", *gpurun.probe("h", "--wait-for", str(release)))
+    wait_json(gpurun.tmp / "h.start")
+    env = dict(gpurun.env, GPURUN_JOB_ID="1", GPURUN_GPUS="0", GPURUN_CPUS="0")
+    forged = dict(gpurun.env, GPURUN_JOB_ID="99", GPURUN_GPUS="0", GPURUN_CPUS="0-63")
+
+    same_id = gpurun.run("-g", "4", "--no-wait", "--", "true", env=env)
+    unknown = gpurun.run("-g", "4", "--no-wait", "--", "true", env=forged)
+    release.touch()
+
+    assert same_id.returncode == 75, same_id.stderr
+    assert unknown.returncode == 75, unknown.stderr
+    assert same_id.stderr.count("\n") == 1 and unknown.stderr.count("\n") == 1
+    assert holder.wait(timeout=30) == 0
+    assert not list((gpurun.state_dir / "jobs").glob("*.d"))
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661", "1,\u00b2,2"])
+def test_mask_reads_only_ascii_digits_and_stops_at_the_first_other_name(gpurun, value):
+    gpurun.use_machine("ws4")
+    env = dict(gpurun.env, CUDA_VISIBLE_DEVICES=value)
+
+    result = gpurun.run("-g", "1", "--no-wait", "--", *gpurun.probe("m"), env=env)
+    status = gpurun.run("status", env=env)
+
+    assert "Traceback" not in result.stderr + status.stderr
+    assert status.returncode == 0, status.stderr
+    if value.startswith("1,"):
+        assert result.returncode == 0, result.stderr
+        assert read_json(gpurun.tmp / "m.start")["env"]["GPURUN_GPUS"] == "1"
+    else:
+        assert result.returncode == 125 and result.stderr.count("\n") == 1
+
+
+def _alloc(gpurun, *args: str, env: dict | None = None):
+    return gpurun.run("alloc", *args, "--json", env=env or gpurun.env)
+
+
+def test_alloc_is_placed_as_a_launch_is(gpurun):
+    apps = "GPU-8a1c3f6e-0007-4d1e-9b7a-000000000007, 4242, 8000, python\n"
+    gpurun.use_machine("dgx8", recordings=_recordings(gpurun, "dgx8", apps))
+    masked = dict(gpurun.env, CUDA_VISIBLE_DEVICES="5,6")
+
+    everything = _alloc(gpurun, "all", "-g", "8", "-c", "0")
+    seven = _alloc(gpurun, "seven", "-g", "7", "-c", "0")
+    inside = gpurun.run("-r", "seven", "-g", "1", "-c", "0", "--", *gpurun.probe("r"), env=masked)
+    gpurun.run("release", "seven")
+    in_mask = _alloc(gpurun, "m", "-g", "1", "-c", "0", env=masked)
+    pair = _alloc(gpurun, "pair", "-g", "2", "-c", "4")
+
+    assert everything.returncode == 75 and "GPU 7: pid 4242" in everything.stderr
+    assert seven.returncode == 0, seven.stderr
+    assert 7 not in json.loads(seven.stdout)["gpus"]
+    assert inside.returncode == 0, inside.stderr
+    assert read_json(gpurun.tmp / "r.start")["env"]["GPURUN_GPUS"] in ("5", "6")
+    assert in_mask.returncode == 0, in_mask.stderr
+    assert json.loads(in_mask.stdout)["gpus"][0] in (5, 6)
+    assert pair.returncode == 0, pair.stderr
+    booked = json.loads(pair.stdout)
+    assert len({g // 4 for g in booked["gpus"]}) == 1 and whole_cores(set(booked["cpus"]))
+
+
+def test_alloc_exports_what_cuda_can_use(gpurun):
+    gpurun.use_machine("a100mig")
+    mig = _alloc(gpurun, "slice", "-g", "1", "-c", "0")
+    gpurun.use_machine("ws4", "visible_devices: uuid\n")
+    uuid = _alloc(gpurun, "whole", "-g", "1", "-c", "0")
+
+    assert mig.returncode == 0, mig.stderr
+    env = json.loads(mig.stdout)["env"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "MIG-0a1f8e3c-6b2d-5c4e-8f7a-111111111111"
+    assert env["GPURUN_GPUS"] == "1000"
+    assert uuid.returncode == 0, uuid.stderr
+    assert json.loads(uuid.stdout)["env"]["CUDA_VISIBLE_DEVICES"].startswith("GPU-3f0b9a52-")
+
+
+def test_busy_and_capacity_messages_name_the_mask_and_outside_use(gpurun):
+    apps = "GPU-3f0b9a52-77c1-11ee-a001-000000000002, 4242, 8000, python\n"
+    gpurun.use_machine("ws4", recordings=_recordings(gpurun, "ws4", apps))
+
+    hidden = gpurun.run("-g", "1", "--", "true", env=dict(gpurun.env, CUDA_VISIBLE_DEVICES=""))
+    busy = gpurun.run("--gpu-ids", "2", "--no-wait", "--", "true")
+
+    assert hidden.returncode == 125
+    assert "$CUDA_VISIBLE_DEVICES hides the other 4 GPUs of 4" in hidden.stderr
+    assert busy.returncode == 75
+    assert "busy outside gpurun: GPU 2: pid 4242" in busy.stderr
+
+
+def test_a_later_job_takes_a_gpu_outside_the_mask_of_a_job_waiting_ahead(gpurun):
+    gpurun.write_config("gpus: 3\ncpus: auto\nkill_grace: 1\nlock_timeout: 10\n")
+    first, second = gpurun.tmp / "first", gpurun.tmp / "second"
+    a = gpurun.start("--gpu-ids", "0", "-c", "0", "--", *gpurun.probe("a", "--wait-for", first))
+    wait_json(gpurun.tmp / "a.start")
+    masked = dict(gpurun.env, CUDA_VISIBLE_DEVICES="0,1")
+    m = gpurun.start("-g", "2", "-c", "0", "--", *gpurun.probe("m"), env=masked)
+    wait_for(lambda: any(j["state"] == "waiting" for j in gpurun.ps()), what="a waiting job")
+
+    later = gpurun.start("-g", "1", "-c", "0", "--", *gpurun.probe("l", "--wait-for", second))
+    placed = wait_json(gpurun.tmp / "l.start")["env"]["GPURUN_GPUS"]
+    first.touch()
+    started = wait_json(gpurun.tmp / "m.start")["env"]["GPURUN_GPUS"]
+    second.touch()
+
+    assert placed == "2"
+    assert started == "0,1"
+    assert all(proc.wait(timeout=30) == 0 for proc in (a, m, later))
+
+
+def test_a_later_single_gpu_job_takes_a_slice_while_a_two_gpu_job_waits(gpurun):
+    line = "{i}, GPU-5d2e61a4-1c3b-a1b2-9e4f-00000000000{i}, 00000000:0{i}:00.0, NVIDIA A100, "
+    query = (FIXTURES / "a100mig" / "query-gpu.csv").read_text() + "".join(
+        line.format(i=i) + "40960, 1, Disabled\n" for i in (1, 2)
+    )
+    gpurun.use_machine("a100mig", recordings=_recordings(gpurun, "a100mig", "", query))
+    release = gpurun.tmp / "release"
+    a = gpurun.start("--gpu-ids", "1", "-c", "0", "--", *gpurun.probe("a", "--wait-for", release))
+    wait_json(gpurun.tmp / "a.start")
+    pair = gpurun.start("-g", "2", "-c", "0", "--", *gpurun.probe("pair"))
+    wait_for(lambda: any(j["state"] == "waiting" for j in gpurun.ps()), what="a waiting job")
+
+    later = gpurun.run("-g", "1", "-c", "0", "--no-wait", "--", *gpurun.probe("l"))
+    release.touch()
+
+    assert later.returncode == 0, later.stderr
+    assert int(read_json(gpurun.tmp / "l.start")["env"]["GPURUN_GPUS"]) >= 1000
+    assert pair.wait(timeout=30) == 0 and a.wait(timeout=30) == 0
+    assert read_json(gpurun.tmp / "pair.start")["env"]["GPURUN_GPUS"] == "1,2"
+
+
+def test_placement_never_returns_an_id_twice():
+    from gpurun.topology import Topology
+
+    # CPU 0 is in two "cores": (0, 2) and (0, 1), as an asymmetric sysfs tree would say.
+    overlapping = Topology(
+        {0: 0}, {}, dict.fromkeys(range(4), 0), {0: (0, 1), 1: (0, 1), 2: (0, 2), 3: (3,)}, {}
+    )
+
+    plain = place(Request(3, 3, None), (0, 0, 1, 2), (5, 5, 6, 7), set(), set())
+    exact = place(Request(1, 1, (1,)), (0, 1, 1), (0,), set(), set())
+    near = place(Request(1, 4, None), (0,), (0, 1, 2, 3), set(), set(), overlapping)
+
+    assert plain == ((0, 1, 2), (5, 6, 7))
+    assert exact == ((1,), (0,))
+    assert near is not None and sorted(near[1]) == [0, 1, 2, 3]
+
+
+def test_duplicates_in_discovery_give_each_gpu_and_cpu_once(gpurun):
+    query = (FIXTURES / "ws4" / "query-gpu.csv").read_text()
+    twice = query.splitlines(keepends=True)[0] + query
+    gpurun.use_machine("ws4", recordings=_recordings(gpurun, "ws4", "", twice))
+    tree = gpurun.tmp / "sys"
+    shutil.copytree(FIXTURES / "dgx8" / "sys", tree)
+    (tree / "devices/system/cpu/cpu16/topology/thread_siblings_list").write_text("0,16\n")
+
+    gpus = gpurun.run("-g", "3", "-c", "0", "--", *gpurun.probe("g"))
+    cpus = gpurun.run(
+        "-g",
+        "0",
+        "-c",
+        "34",
+        "--",
+        *gpurun.probe("c"),
+        env=dict(gpurun.env, GPURUN_SYSFS_ROOT=str(tree)),
+    )
+
+    assert gpus.returncode == 0, gpus.stderr
+    assert read_json(gpurun.tmp / "g.start")["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+    assert cpus.returncode == 0, cpus.stderr
+    held = parse_cpulist(read_json(gpurun.tmp / "c.start")["env"]["GPURUN_CPUS"])
+    assert len(held) == len(set(held)) == 34
+
+
+def _smi_with_apps(gpurun, mode: str) -> None:
+    """ws4, but `--query-compute-apps` fails (exit 1) or hangs."""
+    wrapper = gpurun.tmp / "smi-wrapper"
+    act = "echo 'Unknown Error' ; exit 1" if mode == "fail" else "exec sleep 60"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case "$2" in --query-compute-apps=*) {act} ;; esac\n'
+        f'exec {FIXTURES / "fake-nvidia-smi"} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    gpurun.use_machine("ws4")
+    gpurun.env["GPURUN_NVIDIA_SMI"] = f"{wrapper} {FIXTURES / 'ws4'}"
+
+
+@pytest.mark.parametrize("mode", ["fail", "hang"])
+def test_a_failing_process_query_keeps_the_gpus_and_is_reported(gpurun, mode):
+    import time
+
+    _smi_with_apps(gpurun, mode)
+
+    began = time.monotonic()
+    job = gpurun.run("-g", "1", "--no-wait", "--", "true")
+    took = time.monotonic() - began
+    doctor = gpurun.run("doctor", "--json")
+    gpurun.write_config("gpus: auto\ncpus: auto\nexternal: ignore\n")
+    ignored = gpurun.run("-g", "1", "--no-wait", "--", "true")
+
+    assert job.returncode == 75, job.stderr
+    assert "busy outside gpurun: GPU 0: unknown" in job.stderr and took < 15
+    report = json.loads(doctor.stdout)
+    assert report["gpus"] == [0, 1, 2, 3]
+    assert any("--query-compute-apps" in problem for problem in report["problems"])
+    assert ignored.returncode == 0, ignored.stderr
+
+
+def test_a_bad_nvidia_smi_variable_is_blamed_on_the_variable(gpurun):
+    gpurun.write_config("gpus: auto\n")
+
+    result = gpurun.run("ps", env=dict(gpurun.env, GPURUN_NVIDIA_SMI="'x"))
+
+    assert result.returncode == 125
+    assert (
+        result.stderr.startswith("gpurun: $GPURUN_NVIDIA_SMI: ") and "'gpus'" not in result.stderr
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def test_the_parent_jobs_own_process_is_not_outside_use_for_inner_jobs(gpurun):
+    recordings = _recordings(gpurun, "ws4")
+    gpurun.use_machine("ws4", recordings=recordings)
+    apps = recordings / "compute-apps.csv"
+    line = "GPU-3f0b9a52-77c1-11ee-a001-000000000001, $$, 900, python"
+    inner = " ".join([gpurun_path(), "-g", "1", "--no-wait", "--", *gpurun.probe("inner")])
+
+    result = gpurun.run("--gpu-ids", "1", "--", "sh", "-c", f'echo "{line}" > {apps}; exec {inner}')
+
+    assert result.returncode == 0, result.stderr
+    assert read_json(gpurun.tmp / "inner.start")["env"]["GPURUN_GPUS"] == "1"
