@@ -78,6 +78,8 @@ class Gpurun:
         self.write_config("gpus: auto\ncpus: auto\nkill_grace: 1\nlock_timeout: 10\n" + config)
 
     def run(self, *args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+        # In the test's folder, so that nothing (such as Slurm's slurm-ID.out) lands in the repo.
+        kwargs.setdefault("cwd", self.tmp)
         return subprocess.run(
             [GPURUN, *args],
             env=kwargs.pop("env", self.env),
@@ -90,6 +92,7 @@ class Gpurun:
     def start(self, *args: str, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
+        kwargs.setdefault("cwd", self.tmp)
         proc = subprocess.Popen(
             [GPURUN, *args], env=kwargs.pop("env", self.env), text=True, **kwargs
         )
