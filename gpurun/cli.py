@@ -78,7 +78,9 @@ def _parser(**kwargs: object) -> argparse.ArgumentParser:
         def error(self, message: str) -> None:  # type: ignore[override]
             raise UsageError(f"{message}; see '{self.prog} --help'")
 
-    return Parser(**kwargs)
+    # No abbreviated options: `--nam x` would mean --name to argparse but not to the quick
+    # run parser, and the two must agree.
+    return Parser(allow_abbrev=False, **kwargs)
 
 
 def _typed(convert: object) -> object:
@@ -109,12 +111,15 @@ MAX_PRIORITY = 1_000_000
 
 
 def _seconds(text: str) -> float:
+    """A --timeout: seconds (0.5) or a duration (90s, 2m), from 0 up to ten years."""
     try:
-        value = float(text)
+        value = parse_duration(text)
     except ValueError:
         value = -1.0
     if not 0 <= value <= MAX_SECONDS:
-        raise BadValue(f"expected seconds from 0 to {MAX_SECONDS:.0f} (ten years), got '{text}'")
+        raise BadValue(
+            f"expected seconds or a duration like 90s or 2m, from 0 to ten years, got '{text}'"
+        )
     return value
 
 
@@ -390,14 +395,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
     """Which command `argv` names, and the rest; anything else is `run`.
 
-    The options every command takes (--config, --server, -v) may come before its name.
+    The options every command takes (--config, --server, -v), and --backend, may come before
+    its name; a command that takes no --backend then refuses it as a usage error.
     """
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-v", "--verbose") or arg.startswith(("--config=", "--server=")):
+        if arg in ("-v", "--verbose") or arg.startswith(("--config=", "--server=", "--backend=")):
             i += 1
-        elif arg in ("--config", "--server"):
+        elif arg in ("--config", "--server", "--backend"):
             i += 2
         else:
             break
@@ -476,10 +482,18 @@ def quick_run_args(options: list[str]) -> object | None:
 
 
 def _split_run(argv: list[str]) -> tuple[list[str], list[str]]:
-    if "--" in argv:
-        at = argv.index("--")
-        return argv[:at], argv[at + 1 :]
-    return argv, []
+    """gpurun's options and the command: split at a `--` that comes before the command's
+    first word; a `--` after it belongs to the command (`gpurun python t.py -- --lr 3`)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return argv[:i], argv[i + 1 :]
+        if not arg.startswith("-") or arg == "-":
+            break
+        known = RUN_OPTIONS.get(arg)
+        i += 2 if known is not None and known[1] is not None else 1
+    return argv[:i], argv[i:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,8 +515,6 @@ def main(argv: list[str] | None = None) -> int:
             options, tail = _split_run(rest)
             args = quick_run_args(options) or build_parser("run").parse_args(options)
             args.command = [*args.command, *tail]
-            if args.command[:1] == ["--"]:
-                args.command = args.command[1:]
         else:
             args = build_parser(command).parse_args(rest)
         if args.config == "":
@@ -718,6 +730,14 @@ def _run_slurm(args: argparse.Namespace, config: object) -> int:
         raise UsageError(
             "-d queues the job and returns at once; it takes no --no-wait or --timeout"
         )
+    # Looked up here first, as a local run does (127, 126): the nodes of a cluster share its
+    # file systems, and srun alone would answer a typo with exit 2 and its own words.
+    from gpurun.launch import resolve_command
+
+    try:
+        resolve_command(args.command[0])
+    except CommandError as exc:
+        raise _with_hint(exc, args.command[0]) from None
     comment = slurm.job_comment(args.command)
     options = slurm.job_options(
         gpus=args.gpus or 0,

@@ -54,7 +54,7 @@ def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
         "pid": pids.get("command", pids.get("gpurun")),
         "gpus": list(lease.gpus),
         "cpus": list(lease.cpus),
-        "state": lease.state if alive else "dead",
+        "state": lease.state if alive else ("expired" if lease.kind == "reservation" else "dead"),
         "kind": lease.kind,
         "started": iso_time(lease.started or lease.created),
         "elapsed": round(now - (lease.started or lease.created), 3),
@@ -84,6 +84,11 @@ def history_view(record: dict[str, object]) -> dict[str, object]:
         "reason",
     )
     view = {key: record.get(key) for key in keys}
+    request = record.get("request") if isinstance(record.get("request"), dict) else {}
+    view["request"] = {"gpus": request.get("gpus"), "cpus": request.get("cpus")}
+    view["priority"] = record.get("priority", 0)
+    view["time_limit"] = record.get("time_limit")
+    view["after"] = record.get("after") or []
     started = record.get("started") or record.get("created")
     view["started"] = iso_time(started) if isinstance(started, (int, float)) else None
     ended = record.get("ended")
@@ -279,10 +284,14 @@ def _mark_outside_use(
             row["state"] = "external" if config.external == "avoid" else "free"
 
 
+# The states of a listed lease whose GPUs and CPUs the next gpurun or `gc` frees.
+GONE = ("dead", "expired")
+
+
 def _gpu_row(gpu: int, holder: dict[str, object] | None) -> dict[str, object]:
     return {
         "id": gpu,
-        "state": "free" if holder is None else ("dead" if holder["state"] == "dead" else "held"),
+        "state": "free" if holder is None else ("dead" if holder["state"] in GONE else "held"),
         "job": None if holder is None else holder["id"],
         "user": None if holder is None else holder["user"],
         "name": None if holder is None else holder["name"],
@@ -293,7 +302,7 @@ def _cpu_group(
     ids: list[int], holder: dict[str, object] | None, state: str | None
 ) -> dict[str, object]:
     if state is None:
-        state = "dead" if holder["state"] == "dead" else "held"
+        state = "dead" if holder["state"] in GONE else "held"
     return {
         "cpulist": format_cpulist(ids),
         "ids": ids,

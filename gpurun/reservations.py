@@ -329,7 +329,10 @@ def _request(
     """The request on `server`: -c defaults as for a job, from that server's CPUs per GPU."""
     all_gpus, all_cpus = inventory
     if cpus is None:
-        per_gpu = len(all_cpus) // len(all_gpus) if all_gpus else 0
+        if server == config.server:
+            per_gpu = config.cpus_per_gpu
+        else:
+            per_gpu = max(1, len(all_cpus) // len(all_gpus)) if all_gpus and all_cpus else 0
         cpus = min(max(1, gpus * per_gpu), len(all_cpus))
     request = Request(gpus, cpus, None)
     if server == config.server:
@@ -423,6 +426,7 @@ def _pick_server(config: Config, gpus: int, cpus: int | None) -> str:
     """The server with the most free GPUs (then CPUs) where the reservation may start now."""
     best: tuple[int, int, str] | None = None
     reasons = []
+    never = []
     now = time.time()
     for name in server_names(config):
         ledger = open_ledger(config, name)
@@ -430,7 +434,11 @@ def _pick_server(config: Config, gpus: int, cpus: int | None) -> str:
             state = ledger.read()
             inventory = _known_inventory(config, name, state)
             request = _request(config, name, inventory, gpus, cpus)
-        except (GpurunError, CapacityError) as exc:
+        except CapacityError as exc:
+            reasons.append(f"{name}: {exc}")
+            never.append(name)
+            continue
+        except GpurunError as exc:
             reasons.append(f"{name}: {exc}")
             continue
         live = [lease for lease in state.leases if ledger.alive(lease, now)]
@@ -448,9 +456,14 @@ def _pick_server(config: Config, gpus: int, cpus: int | None) -> str:
         if best is None or free > best[:2]:
             best = (*free, name)
     if best is None:
-        raise BusyError(
-            f"no server can reserve {gpus} GPUs now ({'; '.join(reasons)[:300]}); try later"
-        )
+        why = "; ".join(reasons)
+        if len(why) > 400:
+            why = why[:400].rsplit(" ", 1)[0] + " ..."
+        if len(never) == len(reasons):
+            raise CapacityError(
+                f"no server can ever hold {_plural(gpus, 'GPU')} ({why}); ask for fewer"
+            )
+        raise BusyError(f"no server can reserve {_plural(gpus, 'GPU')} now ({why}); try later")
     return best[2]
 
 

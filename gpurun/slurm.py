@@ -508,6 +508,11 @@ def _row(job: dict[str, object], now: float) -> dict[str, object]:
         "started": iso_time(since) if isinstance(since, (int, float)) else None,
         "elapsed": round(now - since, 3) if isinstance(since, (int, float)) else None,
         "command": command,
+        "request": {"gpus": len(gpu_indices(str(job["gres"]))), "cpus": job["cpus"]},
+        "priority": 0,
+        "time_limit": None,
+        "after": [],
+        "log": None,
         "slurm_state": slurm_state,
     }
     if slurm_state == "PENDING" and job["reason"] not in (None, "None"):

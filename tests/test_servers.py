@@ -199,7 +199,9 @@ def test_a_reservation_expires_after_its_ttl(gpurun):
     booked = alloc(gpurun, gpurun.env, "short", "-g", "4", "-c", "0", "--ttl", "1s")
     blocked = gpurun.run("alloc", "next", "-g", "1", "-c", "0")
 
-    wait_for(lambda: gpurun.ps()[0]["state"] == "dead", timeout=5, what="the reservation to expire")
+    wait_for(
+        lambda: gpurun.ps()[0]["state"] == "expired", timeout=5, what="the reservation to expire"
+    )
     expired_at = time.time()
     server = gpurun.status()
 
@@ -223,7 +225,9 @@ def start_inside_expiring_reservation(gpurun):
     job = gpurun.start("-r", "box", "--", *gpurun.probe("inside", "--wait-for", str(go)))
     inside = wait_json(gpurun.tmp / "inside.start")
     assert inside["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
-    wait_for(lambda: any(j["state"] == "dead" for j in gpurun.ps()), timeout=5, what="the expiry")
+    wait_for(
+        lambda: any(j["state"] == "expired" for j in gpurun.ps()), timeout=5, what="the expiry"
+    )
     return job
 
 
