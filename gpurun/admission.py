@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gpurun.gpus import is_mig
+from gpurun.gpuids import is_mig
 from gpurun.ledger import Lease
 from gpurun.placement import place
 

@@ -538,7 +538,7 @@ class _Sexagesimal(str):
     """The text of a YAML 1.1 base-60 integer such as 16:31, kept as written."""
 
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Bounds on what the cache keeps: a config is a few dozen values; anything far larger (an
 # alias bomb, say) is parsed each time instead.
 CACHE_MAX_NODES = 10_000
@@ -570,12 +570,13 @@ def _read_yaml(path: str) -> tuple[dict[str, object], dict[str, int]]:
 
 def _cache_path(path: str) -> str:
     """Where the parse of the config at `path` is cached ("" when there is no home)."""
-    import binascii
-
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if not os.path.isabs(base):
         return ""
-    key = binascii.crc32(os.fsencode(os.path.abspath(path)))
+    # FNV-1a: binascii or zlib for crc32 would be one more extension module to load.
+    key = 0x811C9DC5
+    for byte in os.fsencode(os.path.abspath(path)):
+        key = ((key ^ byte) * 0x01000193) & 0xFFFFFFFF
     return os.path.join(base, "gpurun", f"config-{CACHE_FORMAT}-{key:08x}.json")
 
 

@@ -14,17 +14,16 @@ NVML is not tried.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import namedtuple
 
+from gpurun.gpuids import mig_id
 from gpurun.log import get_logger
 
 log = get_logger(__name__)
 
 QUERY = "index,uuid,pci.bus_id,name,memory.total,memory.used,mig.mode.current"
 APPS_QUERY = "gpu_uuid,pid,used_memory,process_name"
-MIG_BASE = 1000
 # Seconds each nvidia-smi call may take. Discovery runs on every launch and before every
 # hand-off, so a hung driver must cost little: the inventory query gets a few seconds, the
 # others (processes, MIG list, links), which only refine it, less.
@@ -66,14 +65,6 @@ class Discovery(_DiscoveryBase):
     listed: then `processes` is empty and outside use is unknown, see external.py)."""
 
     __slots__ = ()
-
-
-def mig_id(index: int, slice_index: int) -> int:
-    return MIG_BASE * (index + 1) + slice_index
-
-
-def is_mig(gpu_id: int) -> bool:
-    return gpu_id >= MIG_BASE
 
 
 def smi_command(configured: str | None = None) -> list[str] | None:
@@ -330,8 +321,10 @@ def _discover_nvml(processes: bool) -> Discovery:
     except pynvml.NVMLError as exc:
         raise _Unavailable(str(exc)) from None
     finally:
-        with contextlib.suppress(pynvml.NVMLError):
+        try:
             pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
 
 
 def _ask_nvml(nvml: object, processes: bool) -> Discovery:

@@ -248,12 +248,20 @@ def reserve(
                 lock_name = os.path.basename(ledger.job_lock_path(entry.id))
                 watcher = Watcher(ledger.state_dir, (lock_name, os.path.basename(ledger.lock_path)))
                 continue
-            watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
-            placed = _placed_meanwhile(ledger, entry.id)
-            if placed is not None:
-                log.info("job %d was placed while it waited", placed.id)
-                progress.started(placed)
-                return placed, lock_fd
+            while True:
+                watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
+                placed, snapshot = _placed_meanwhile(ledger, entry.id)
+                if placed is not None:
+                    log.info("job %d was placed while it waited", placed.id)
+                    progress.started(placed)
+                    return placed, lock_fd
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                outside = busy_outside(config, OUTSIDE_MAX_AGE)
+                if _worth_a_transaction(ledger, config, snapshot, entry.id, outside):
+                    break
+                progress.waiting(entry.id, position, queued, busy)
     except BaseException as exc:
         progress.clear()
         signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
@@ -570,8 +578,9 @@ def _new_entry(ledger: Ledger, spec: Spec, lease_id: int, now: float, detached: 
     )
 
 
-def _placed_meanwhile(ledger: Ledger, lease_id: int) -> Lease | None:
-    """The waiting job's lease if whoever freed GPUs placed it meanwhile, else None.
+def _placed_meanwhile(ledger: Ledger, lease_id: int) -> tuple[Lease | None, State | None]:
+    """The waiting job's lease if whoever freed GPUs placed it meanwhile, else None; and the
+    ledger as read (None if it could not be read).
 
     Read without the lock: only the job itself changes its lease once it is placed, so a
     waiting gpurun woken by its placement starts without queueing for the lock behind
@@ -579,13 +588,43 @@ def _placed_meanwhile(ledger: Ledger, lease_id: int) -> Lease | None:
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
     try:
-        lease = ledger.read().find(lease_id)
+        state = ledger.read()
     except LedgerError:
-        lease = None
+        state = None
+    lease = None if state is None else state.find(lease_id)
     if lease is not None and lease.state == "running":
-        return lease
+        return lease, state
     signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
-    return None
+    return None, state
+
+
+def _worth_a_transaction(
+    ledger: Ledger,
+    config: Config,
+    state: State | None,
+    lease_id: int,
+    outside: dict[int, str] | None,
+) -> bool:
+    """Whether the waiting job's transaction could change anything now, judged on a snapshot
+    read without the lock: a lease to reap, its dependencies failed, a job to place, or its
+    lease gone or changed. That transaction applies the same rules to the same leases, so
+    when this says no it would have written nothing; skipping it keeps a crowd of waiting
+    gpuruns, each woken by its poll, from queueing for the lock to redo the admission of
+    every lease. Anything that changes the ledger after the snapshot either places who it
+    can itself (and wakes them) or wakes every waiting gpurun to look again. `state`: the
+    snapshot, None when it could not be read (the transaction says why)."""
+    if state is None:
+        return True
+    entry = state.find(lease_id)
+    if entry is None or entry.state != "waiting":
+        return True
+    now = time.time()
+    if any(not ledger.alive(lease, now) for lease in state.leases):
+        return True
+    dependencies = _Dependencies(ledger, state)
+    if dependencies(entry) == FAILED:
+        return True
+    return bool(admit_on(config, state.leases, now, dependencies, outside))
 
 
 def _position(state: State, entry: Lease) -> tuple[int, int]:

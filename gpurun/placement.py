@@ -9,7 +9,7 @@ from collections import namedtuple
 
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import CapacityError
-from gpurun.gpus import MIG_BASE
+from gpurun.gpuids import MIG_BASE
 from gpurun.topology import NO_TOPOLOGY, Topology
 
 _RequestBase = namedtuple("_RequestBase", "gpus cpus gpu_ids")
