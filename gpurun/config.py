@@ -583,10 +583,15 @@ def _cache_path(path: str) -> str:
 def _cached_parse(cache: str, text: str) -> tuple[dict[str, object], dict[str, int]] | None:
     """The cached parse of `text`, or None when the cache holds another text or is not ours."""
     import json
+    import stat
 
     try:
-        with open(cache, "rb") as f:
+        # O_NONBLOCK: a FIFO planted under the cache's name must not hang every command.
+        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
             info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None
             if info.st_uid != os.geteuid() or info.st_mode & 0o022:
                 return None
             entry = json.loads(f.read())
@@ -595,7 +600,7 @@ def _cached_parse(cache: str, text: str) -> tuple[dict[str, object], dict[str, i
         if not isinstance(entry["lines"], dict):
             return None
         return entry["data"], entry["lines"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -608,6 +613,13 @@ def _store_parse(cache: str, text: str, data: dict[str, object], lines: dict[str
     folder = os.path.dirname(cache)
     tmp = f"{cache}.{os.getpid()}.tmp"
     try:
+        base = folder
+        while not os.path.isdir(base) and os.path.dirname(base) != base:
+            base = os.path.dirname(base)
+        if os.stat(base).st_uid != os.geteuid():
+            # Another user's home (root with sudo -E): folders made there would be taken
+            # from their owner.
+            return
         os.makedirs(folder, mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with open(fd, "w", encoding="utf-8") as f:

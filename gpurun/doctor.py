@@ -186,6 +186,17 @@ def _state_dir_report(
         "mount_options": list(mount.options) if mount else [],
     }
 
+    private = os.path.basename(path).startswith("gpurun-slurm-")
+    if os.path.islink(path):
+        problems.append(
+            f"the state dir {path} is a symbolic link (to {os.path.realpath(path)}); gpurun "
+            "refuses to follow one; set state_dir to the real folder"
+        )
+    elif private:
+        notes.append(
+            f"the state dir {path} is private to this Slurm job (mode 0700, this user only), "
+            "so allocations never see each other"
+        )
     if os.path.isdir(path):
         info = os.stat(path)
         mode = stat.S_IMODE(info.st_mode)
@@ -194,7 +205,8 @@ def _state_dir_report(
         report["shared"] = _is_shared(mode)
         report["writable"] = os.access(path, os.W_OK | os.X_OK)
         for folder in (path, os.path.join(path, "jobs"), os.path.join(path, "logs")):
-            _check_shared(folder, problems)
+            if not private:
+                _check_shared(folder, problems)
         if not report["writable"]:
             problems.append(
                 f"this user cannot write the state dir {path}; gpurun cannot change the "

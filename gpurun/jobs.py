@@ -529,6 +529,8 @@ def reset_ledger(
         try:
             aside = ledger.move_aside()
             os.rename(tmp, ledger.path)
+            # Waiting gpuruns whose entries the reset forgot learn it now, not at their poll.
+            ledger.ring()
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

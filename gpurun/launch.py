@@ -181,6 +181,7 @@ def reserve(
         if signal.getsignal(sig) is not signal.SIG_IGN
     }
     outside_age = None
+    written = False  # whether the ledger has recorded the entry, so history must too
     try:
         while True:
             cancelled = None
@@ -194,12 +195,13 @@ def reserve(
                     entry = _new_entry(ledger, spec, lease_id, now, detached)
                     entry = entry._replace(gpu_mask=config.gpu_mask)
                     state.add(entry)
-                entry = state.find(entry.id)
-                if entry is None:
+                found = state.find(entry.id)
+                if found is None:
                     raise GpurunError(
-                        f"job {lease_id} was taken out of the queue (by 'gpurun "
+                        f"job {entry.id} was taken out of the queue (by 'gpurun "
                         "reset'?); it did not run"
                     )
+                entry = found
                 dependencies = _Dependencies(ledger, state)
                 if entry.state == "waiting" and dependencies(entry) == FAILED:
                     cancelled = dependencies.reason(entry)
@@ -218,6 +220,7 @@ def reserve(
                     else:
                         position, queued = _position(state, entry)
                         busy = describe_busy(spec.request, config, state, outside)
+            written = True
             forget_dead(ledger, dead, now)
             if callable(on_queued):
                 on_queued(entry)
@@ -266,7 +269,7 @@ def reserve(
         progress.clear()
         signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
         if entry is not None:
-            _withdraw(ledger, entry, lock_fd, exc)
+            _withdraw(ledger, entry, lock_fd, exc, written)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
         raise
     finally:
@@ -286,7 +289,7 @@ def run_reserved(
     pending = signal.sigpending() & set(supervise.ENDING)
     if pending:
         interrupted = Interrupted(min(pending))
-        _withdraw(ledger, lease, lock_fd, interrupted)
+        _withdraw(ledger, lease, lock_fd, interrupted, True)
         raise interrupted
     try:
         pid = supervise.spawn(executable, argv, job_env(lease, config), lease.cpus)
@@ -301,7 +304,7 @@ def run_reserved(
                 f"cannot start {lease.command[0]} on CPUs {format_cpulist(lease.cpus)}: "
                 f"{exc.strerror}"
             )
-        _withdraw(ledger, lease, lock_fd, failure)
+        _withdraw(ledger, lease, lock_fd, failure, True)
         raise failure from None
     started = time.time()
     log.info("job %d started: pid %d, %s", lease.id, pid, " ".join(lease.command))
@@ -780,14 +783,24 @@ def _release(
     return record
 
 
-def _withdraw(ledger: Ledger, entry: Lease, lock_fd: int, why: BaseException) -> None:
+def _withdraw(
+    ledger: Ledger, entry: Lease, lock_fd: int, why: BaseException, written: bool
+) -> None:
     """Take a lease that never ran out of the ledger and record it in history as withdrawn,
     with the exit code gpurun gives for `why` and the reason. Its id is not given back: a
-    detached job's id was printed, and `gpurun wait` must never find another job under it."""
+    detached job's id was printed, and `gpurun wait` must never find another job under it.
+
+    `written`: the ledger recorded the entry once, so history gets it even if a forced reset
+    dropped it since (never twice); an entry no write ever held (`--no-wait` that did not
+    fit) leaves no trace."""
     code, reason = _withdrawn(why)
     try:
         with ledger.transaction() as state:
-            state.finish(entry.id, ledger.server, "withdrawn", code, reason)
+            gone = state.finish(entry.id, ledger.server, "withdrawn", code, reason) is None
+            if gone and written and not ledger.finished_jobs({entry.id}):
+                state.finished.append(
+                    finished_record(entry, ledger.server, time.time(), code, "withdrawn", reason)
+                )
     except LedgerError as exc:
         log.warning(
             "could not remove job %d from the ledger (%s); it is dead and will be reaped",

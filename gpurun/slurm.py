@@ -92,8 +92,18 @@ def inside_allocation(config: Config) -> Config:
         cpus_per_gpu=max(1, len(cpus) // len(gpus)) if gpus and cpus else 0,
         servers=(),
         entry=None,
-        chosen_by=f"inside Slurm job {job}: the allocation's GPUs and CPUs",
+        chosen_by=f"inside Slurm job {job}: the allocation's GPUs and CPUs"
+        + (
+            ""
+            if gpus or any(key in os.environ for key in GPU_VARIABLES)
+            else " (Slurm set none of CUDA_VISIBLE_DEVICES, SLURM_STEP_GPUS, SLURM_JOB_GPUS "
+            "here, so no GPUs: a bare salloc shell? run gpurun in 'srun --pty bash')"
+        ),
     )
+
+
+# Where an allocation's GPUs are read from, first found wins.
+GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
 
 
 def allocation_gpus(env: dict[str, str] | os._Environ) -> tuple[int, ...]:
@@ -102,7 +112,7 @@ def allocation_gpus(env: dict[str, str] | os._Environ) -> tuple[int, ...]:
     `CUDA_VISIBLE_DEVICES` wins, since it is what CUDA in this process would see and what a
     job must be given back (empty means no GPUs); Slurm's own lists count only without it.
     """
-    for key in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+    for key in GPU_VARIABLES:
         value = env.get(key)
         if value is None:
             continue
@@ -255,7 +265,7 @@ def run_foreground(
             if done:
                 status = raw
             continue
-        if not _pass_on(pid, comment, info.si_signo) and info.si_signo in _ENDING:
+        if not _pass_on(pid, comment, info.si_signo):
             withdrawn = withdrawn or info.si_signo
     relay.join()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
@@ -284,9 +294,6 @@ _FORWARDED = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-
-
-_ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _pass_on(srun: int, comment: str, signum: int) -> bool:
@@ -418,7 +425,7 @@ def _squeue_json() -> list[dict[str, object]]:
                 "gres": ",".join(job.get("gres_detail") or []),
                 "cpus": job.get("cpus"),
                 "comment": job.get("comment") or "",
-                "exit_code": job.get("exit_code"),
+                "exit_code": exit_code(job.get("exit_code")),
                 "command": job.get("command") or "",
             }
         )
@@ -460,6 +467,24 @@ def _squeue_format() -> list[dict[str, object]]:
             }
         )
     return jobs
+
+
+def exit_code(value: object) -> int | None:
+    """What gpurun would have exited with, from squeue's `exit_code`: a wait(2) status in
+    Slurm 22.05 (3 << 8 for exit 3, the signal number in the low bits), an object with
+    `return_code` and `signal` in newer ones."""
+    if isinstance(value, dict):
+        signal_part = value.get("signal")
+        number = signal_part.get("id") if isinstance(signal_part, dict) else None
+        if isinstance(number, int) and number > 0:
+            return 128 + number
+        code = value.get("return_code")
+        return code if isinstance(code, int) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return None
+    if value & 0x7F:
+        return 128 + (value & 0x7F)
+    return value >> 8
 
 
 def gpu_indices(gres: str) -> list[int]:
@@ -601,7 +626,9 @@ def _still_running(job: str) -> bool:
 def job_comment(command: list[str]) -> str:
     """The job's Slurm comment: a mark unique to this gpurun (for passing signals on to its
     job) and the command, which squeue's JSON does not show for a --wrap job."""
-    return f"{COMMENT_PREFIX}{os.getpid()}.{time.monotonic_ns()}]: {shlex.join(command)}"
+    # One line: squeue prints comments one per line, and a newline would hide the mark.
+    text = shlex.join(command).replace("\n", "\\n")
+    return f"{COMMENT_PREFIX}{os.getpid()}.{time.monotonic_ns()}]: {text}"
 
 
 def _slurm(argv: list[str], env: dict[str, str] | None = None, timeout: float = 30) -> str:

@@ -345,3 +345,34 @@ def test_a_server_template_padded_too_wide_is_refused_at_once(gpurun):
 
     assert result.returncode == 125
     assert "too wide" in one_line(result.stderr)
+
+
+def test_options_a_command_does_not_take_are_refused_before_its_name(gpurun):
+    result = gpurun.run("--backend", "local", "status")
+
+    assert result.returncode == 2
+    assert "unrecognized arguments: --backend" in one_line(result.stderr)
+
+
+def test_a_fifo_planted_as_the_config_cache_never_hangs_a_command(gpurun, tmp_path):
+    cache = tmp_path / "cache" / "gpurun"
+    assert gpurun.run("ps").returncode == 0
+    [entry] = list(cache.iterdir())
+    entry.unlink()
+    os.mkfifo(entry)
+
+    result = gpurun.run("ps", timeout=20)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_doctor_names_a_symbolic_link_as_the_state_dir(gpurun, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o777)
+    real.chmod(0o777)
+    gpurun.state_dir.symlink_to(real)
+
+    result = gpurun.run("doctor")
+
+    assert result.returncode == 1
+    assert "is a symbolic link" in result.stdout

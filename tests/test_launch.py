@@ -128,3 +128,24 @@ def test_interrupted_while_waiting_exits_130_and_leaves_no_trace(gpurun):
     assert [job["id"] for job in gpurun.ps()] == [1]
     assert all(job["id"] == 1 for job in gpurun.ledger()["leases"])
     hold.kill()
+
+
+def test_a_double_dash_after_the_command_belongs_to_the_command(gpurun):
+    cases = {
+        ("--", "echo", "a", "--", "b"): "a -- b",
+        ("echo", "a", "--", "b"): "a -- b",
+        ("-g", "1", "echo", "--", "--", "x"): "-- -- x",
+        ("-g", "1", "--", "echo", "--lr", "3"): "--lr 3",
+    }
+    for argv, printed in cases.items():
+        result = gpurun.run(*argv)
+        assert (result.returncode, result.stdout.strip()) == (0, printed), (argv, result.stderr)
+    named = gpurun.run("--", "--", "x")
+    assert named.returncode == 127 and "--: command not found" in named.stderr
+
+
+def test_options_are_never_abbreviated(gpurun):
+    result = gpurun.run("--nam", "x", "true")
+
+    assert result.returncode == 2
+    assert "unrecognized arguments: --nam" in result.stderr

@@ -345,3 +345,22 @@ def test_a_job_is_in_history_before_it_leaves_the_ledger(gpurun):
     assert len(history) == 1 and len(ledgers) >= 2, events
     # The last ledger write is the one that frees the job; history comes just before it.
     assert ledgers[-2] < history[0] < ledgers[-1], events
+
+
+def test_a_waiting_job_forgotten_by_a_forced_reset_still_reaches_history(gpurun):
+    go = gpurun.tmp / "go"
+    a = gpurun.start("-g", "4", "-c", "0", "--", *gpurun.probe("a", "--wait-for", str(go)))
+    wait_json(gpurun.tmp / "a.start")
+    waiting = gpurun.run("-g", "1", "-c", "0", "-d", "--", "true").stdout.strip()
+    wait_for(lambda: waiting_ids(gpurun) == [int(waiting)], what="the queued job")
+
+    assert gpurun.run("reset", "--yes", "--force").returncode == 0
+    waited = gpurun.run("wait", waiting)
+    go.touch()
+    assert a.wait(timeout=20) == 0
+
+    def records() -> list[str]:
+        return [job["state"] for job in gpurun.ps("-a") if job["id"] == int(waiting)]
+
+    assert wait_for(records, what="the forgotten job's record") == ["withdrawn"]
+    assert waited.returncode == 125, waited.stderr

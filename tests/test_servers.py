@@ -647,3 +647,14 @@ def test_server_before_the_command_name_is_taken_like_config(gpurun):
 
     assert result.returncode == 0, result.stderr
     assert servers_by_name(gpurun, a)["b"]["state"] == "ok"
+
+
+def test_alloc_auto_that_no_server_can_ever_hold_is_refused_not_busy(gpurun):
+    configure(gpurun, "[{name: a, gpus: 2, cpus: 2}, {name: b, gpus: 4, cpus: 2}]")
+
+    never = gpurun.run("alloc", "big", "-g", "9", "--server", "auto", env=as_host(gpurun, "a"))
+    later = gpurun.run("alloc", "fits", "-g", "4", "-c", "0", "--server", "auto")
+
+    assert never.returncode == 125
+    assert "no server can ever hold 9 GPUs" in one_error_line(never.stderr)
+    assert later.returncode == 0, later.stderr

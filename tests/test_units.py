@@ -150,3 +150,21 @@ def test_the_ledger_refuses_to_record_a_lease_its_reader_would_refuse():
         with pytest.raises(LedgerError, match="refusing to record lease 1"):
             state.add(lease._replace(**bad))
     assert [entry.priority for entry in state.leases] == [-3]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [(0, 0), (3 << 8, 3), (15, 143), (9, 137), ({"return_code": 4}, 4), (None, None), (-1, None)],
+)
+def test_slurm_exit_codes_read_as_gpurun_would_exit(raw, code):
+    from gpurun.slurm import exit_code
+
+    assert exit_code(raw) == code
+
+
+def test_a_slurm_comment_is_one_line_whatever_the_command():
+    from gpurun.slurm import job_comment
+
+    comment = job_comment(["sh", "-c", "echo a\necho b"])
+
+    assert "\n" not in comment and comment.endswith("'echo a\\necho b'")
