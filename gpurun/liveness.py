@@ -40,13 +40,8 @@ def process_start(pid: int) -> int | None:
     None means gone or a zombie. Raises PermissionError when the process exists but /proc
     does not show it to us.
     """
-    # os.open and os.read rather than open(): `ps` reads one such file per lease.
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            stat = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+        stat = _read_stat(pid)
     except (FileNotFoundError, ProcessLookupError):
         try:
             os.kill(pid, 0)
@@ -60,6 +55,15 @@ def process_start(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+def _read_stat(pid: int) -> bytes:
+    """/proc/PID/stat; os.open and os.read rather than open(), as `ps` reads one per lease."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 def holder_alive(pid: int, start: int) -> bool:
@@ -140,11 +144,7 @@ def ancestry() -> dict[int, int]:
     pid = os.getpid()
     while pid > 1 and pid not in found:
         try:
-            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                stat = os.read(fd, 4096)
-            finally:
-                os.close(fd)
+            stat = _read_stat(pid)
         except OSError:
             break
         fields = stat[stat.rfind(b")") + 2 :].split()

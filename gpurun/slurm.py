@@ -242,7 +242,8 @@ def run_foreground(
         raise SlurmError("srun", "not found on PATH; is Slurm installed here?")
 
     read_end, write_end = os.pipe()
-    forwarded = (*_FORWARDED, signal.SIGCHLD)
+    from gpurun.supervise import BLOCKED as forwarded  # the signals gpurun passes on, SIGCHLD
+
     signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
     try:
         pid = os.posix_spawn(
@@ -284,16 +285,6 @@ def run_foreground(
     if relay.cancelled and code in (0, 137):
         say("the Slurm job was cancelled (scancel, or it ran past --time)")
     return code
-
-
-_FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 
 def _pass_on(srun: int, comment: str, signum: int) -> bool:
