@@ -558,12 +558,16 @@ def kill_job(ref: str, signum: signal.Signals) -> dict[str, object]:
 
 
 def _known(job: str) -> None:
+    """Refuse a job Slurm does not know, or one that has already ended, as a local kill does."""
     try:
-        _slurm(["scontrol", "show", "job", "-o", job], timeout=30)
+        shown = _slurm(["scontrol", "show", "job", "-o", job], timeout=30)
     except SlurmError as exc:
         if "invalid job id" in exc.reason.lower():
             raise NotFoundError(f"Slurm knows no job {job}; 'gpurun ps' lists yours") from None
         raise
+    state = next((word[9:] for word in shown.split() if word.startswith("JobState=")), "")
+    if state and state not in ("PENDING", "RUNNING", "SUSPENDED", "CONFIGURING", "REQUEUED"):
+        raise NotFoundError(f"Slurm job {job} has already ended ({state.lower()})")
 
 
 def log_path(ref: str) -> str:

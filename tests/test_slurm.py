@@ -203,6 +203,8 @@ def test_a_detached_job_shows_in_ps_and_squeue_and_kill_cancels_it(slurm):
     assert wait_json(f"{out}.end", timeout=60)["signal"] == "SIGTERM"
     wait_for(lambda: slurm_state(slurm, job) == "CANCELLED", 60, "the job cancelled")
     assert not [row for row in slurm.ps() if str(row["id"]) == job]
+    again = slurm.run("kill", job)
+    assert again.returncode == 125 and "has already ended (cancelled)" in again.stderr
 
 
 def test_logs_reads_the_output_file_of_a_detached_job(slurm):
