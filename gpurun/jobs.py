@@ -558,8 +558,6 @@ def find_any(config: Config, ref: str) -> dict[str, object]:
 
 def show_log(config: Config, ref: str, follow: bool = False) -> int:
     """Copy a detached job's log to stdout; with `follow`, until the job has ended."""
-    import sys
-
     job = find_any(config, ref)
     path = job.get("log")
     if not path:
@@ -567,22 +565,31 @@ def show_log(config: Config, ref: str, follow: bool = False) -> int:
             f"job {job['id']} ran in the foreground; its output went to its terminal, not a log"
         )
     ledger = open_ledger(config)
-    out = sys.stdout.buffer
     try:
-        with open(str(path), "rb") as f:
-            while True:
-                chunk = f.read(65536)
-                if chunk:
-                    out.write(chunk)
-                    out.flush()
-                    continue
-                if not follow or not _still_listed(ledger, int(job["id"])):
-                    out.write(f.read())
-                    out.flush()
-                    return 0
-                time.sleep(0.1)
+        copy_output(str(path), lambda: follow and _still_listed(ledger, int(job["id"])), 0.1)
     except FileNotFoundError:
         raise NotFoundError(f"the log of job {job['id']} ({path}) is gone") from None
+    return 0
+
+
+def copy_output(path: str, running: object, pause: float) -> None:
+    """Copy the file to stdout as it grows, while `running()` says its writer runs; raise
+    FileNotFoundError when there is no such file."""
+    import sys
+
+    out = sys.stdout.buffer
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not running():
+                out.write(f.read())
+                out.flush()
+                return
+            time.sleep(pause)
 
 
 def _still_listed(ledger: Ledger, lease_id: int) -> bool:

@@ -29,7 +29,7 @@ from gpurun.errors import (
 from gpurun.external import busy_outside
 from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, finished_record
 from gpurun.log import get_logger
-from gpurun.placement import Request, check_limits, check_possible
+from gpurun.placement import Request, check_limits, check_possible, plural
 
 log = get_logger(__name__)
 
@@ -441,9 +441,9 @@ def describe_busy(
     if request.gpu_ids is not None:
         want = f"GPUs {','.join(map(str, request.gpu_ids))}"
     else:
-        want = _plural(request.gpus, "GPU")
+        want = plural(request.gpus, "GPU")
     text = (
-        f"needs {want} and {_plural(request.cpus, 'CPU')}; {len(held_gpus)} of "
+        f"needs {want} and {plural(request.cpus, 'CPU')}; {len(held_gpus)} of "
         f"{len(config.gpus)} GPUs and {len(held_cpus)} of {len(config.cpus)} CPUs are held"
     )
     if holders:
@@ -484,7 +484,7 @@ def mask_note(config: Config) -> str:
     hidden = len(config.gpus) - len(usable_gpus(config))
     if not hidden:
         return ""
-    return f"$CUDA_VISIBLE_DEVICES hides the other {_plural(hidden, 'GPU')} of {len(config.gpus)}"
+    return f"$CUDA_VISIBLE_DEVICES hides the other {plural(hidden, 'GPU')} of {len(config.gpus)}"
 
 
 def export_form(config: Config) -> str:
@@ -886,10 +886,6 @@ class _Progress:
         if self.tty and self.shown:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:

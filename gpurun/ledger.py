@@ -766,8 +766,10 @@ class Ledger:
             ) from None
         return tmp
 
-    def lock(self) -> int:
-        """Take the ledger lock, waiting up to lock_timeout; return the descriptor to unlock.
+    def lock(self, path: str = "") -> int:
+        """Take the ledger lock (or the lock file at `path` in the state dir, such as the
+        lock of reservation names, NAMES_LOCK), waiting up to lock_timeout; return the
+        descriptor to unlock.
 
         A busy lock is waited for in flock(2) itself, so the kernel hands it over the moment
         it is let go; polling left it idle between tries, which made a crowd of launches take
@@ -775,7 +777,8 @@ class Ledger:
         Ctrl-C still ends it.
         """
         self.check_trusted()
-        fd = self._open_lock_file()
+        path = path or self.lock_path
+        fd = self._open_lock_file(path)
         began = time.monotonic()
         try:
             try:
@@ -786,17 +789,17 @@ class Ledger:
             holder = _lock_holder(fd)
             os.close(fd)
             raise LedgerError(
-                self.lock_path,
+                path,
                 f"still locked after lock_timeout ({self.lock_timeout:g} s){holder}; "
                 "if that process is stuck, end it or raise lock_timeout",
             ) from None
         except OSError as exc:
             os.close(fd)
-            raise LedgerError(self.lock_path, f"cannot lock: {exc.strerror}") from None
+            raise LedgerError(path, f"cannot lock: {exc.strerror}") from None
         except BaseException:
             os.close(fd)
             raise
-        log.debug("took %s after %.1f ms", self.lock_path, (time.monotonic() - began) * 1000)
+        log.debug("took %s after %.1f ms", path, (time.monotonic() - began) * 1000)
         return fd
 
     def _wait_for_lock(self, fd: int) -> None:
@@ -813,26 +816,26 @@ class Ledger:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
 
-    def _open_lock_file(self) -> int:
+    def _open_lock_file(self, path: str) -> int:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         for _ in range(3):
             try:
-                return os.open(self.lock_path, flags)
+                return os.open(path, flags)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise LedgerError(self.lock_path, _open_problem(exc, "the lock")) from None
+                raise LedgerError(path, _open_problem(exc, "the lock")) from None
             try:
-                create_shared_file(self.lock_path)
+                create_shared_file(path)
             except FileNotFoundError:
                 self.ensure_dirs()
             except OSError as exc:
                 raise LedgerError(
-                    self.lock_path,
+                    path,
                     f"cannot create the lock: {exc.strerror}; check the state folder's permissions",
                 ) from None
         raise LedgerError(
-            self.lock_path,
+            path,
             "the lock file keeps vanishing; is something deleting files in the state folder?",
         )
 

@@ -30,28 +30,28 @@ def check_possible(
     GPUs it has."""
     where = f"; {hidden}" if hidden else ""
     have = (
-        f"this server has {_plural(len(gpus), 'GPU')} ({_ids(gpus)}{where}) and "
-        f"{_plural(len(cpus), 'CPU')} ({_cpus(cpus)})"
+        f"this server has {plural(len(gpus), 'GPU')} ({_ids(gpus)}{where}) and "
+        f"{plural(len(cpus), 'CPU')} ({_cpus(cpus)})"
     )
     if request.gpu_ids is not None:
         unknown = [i for i in request.gpu_ids if i not in gpus]
         if unknown:
             raise CapacityError(f"no GPU {','.join(map(str, unknown))}: {have}; pick ids it has")
     if request.gpus > len(gpus):
-        raise CapacityError(f"asked for {_plural(request.gpus, 'GPU')} but {have}; ask for fewer")
+        raise CapacityError(f"asked for {plural(request.gpus, 'GPU')} but {have}; ask for fewer")
     picked = request.gpu_ids if request.gpu_ids is not None else ()
     whole = [g for g in gpus if not _is_mig(g)]
     if (len(picked) > 1 and any(_is_mig(g) for g in picked)) or (
         request.gpu_ids is None and request.gpus > max(1, len(whole))
     ):
         raise CapacityError(
-            f"asked for {_plural(request.gpus, 'GPU')}, but this server has "
-            f"{_plural(len(whole), 'whole GPU')} and CUDA can use only one MIG slice per "
+            f"asked for {plural(request.gpus, 'GPU')}, but this server has "
+            f"{plural(len(whole), 'whole GPU')} and CUDA can use only one MIG slice per "
             "process; ask for -g 1 to get one slice"
         )
     if request.cpus > len(cpus):
         raise CapacityError(
-            f"asked for {_plural(request.cpus, 'CPU')} but {have}; ask for fewer with -c"
+            f"asked for {plural(request.cpus, 'CPU')} but {have}; ask for fewer with -c"
         )
 
 
@@ -61,17 +61,17 @@ def check_limits(request: Request, limits: object, server: str, path: str) -> No
     source = f" (limits in {path})" if path else ""
     if limits.max_gpus is not None and request.gpus > limits.max_gpus:
         raise CapacityError(
-            f"asked for {_plural(request.gpus, 'GPU')} but {where} at most "
+            f"asked for {plural(request.gpus, 'GPU')} but {where} at most "
             f"{limits.max_gpus} per job{source}"
         )
     if limits.min_gpus is not None and request.gpus < limits.min_gpus:
         raise CapacityError(
-            f"asked for {_plural(request.gpus, 'GPU')} but {where} no fewer than "
+            f"asked for {plural(request.gpus, 'GPU')} but {where} no fewer than "
             f"{limits.min_gpus} per job{source}"
         )
     if limits.max_cpus is not None and request.cpus > limits.max_cpus:
         raise CapacityError(
-            f"asked for {_plural(request.cpus, 'CPU')} but {where} at most "
+            f"asked for {plural(request.cpus, 'CPU')} but {where} at most "
             f"{limits.max_cpus} per job{source}; ask for fewer with -c"
         )
 
@@ -274,7 +274,8 @@ def pick_cpus(free: list[int], count: int) -> list[int]:
     return free[:count]
 
 
-def _plural(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """'1 GPU', '2 GPUs': counts in messages."""
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 

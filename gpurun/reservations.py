@@ -35,7 +35,7 @@ from gpurun.launch import (
     visible_devices,
 )
 from gpurun.ledger import NAMES_LOCK, Lease, Ledger, State
-from gpurun.placement import Request, check_limits, check_possible, place
+from gpurun.placement import Request, check_limits, check_possible, place, plural
 
 
 def server_inventory(
@@ -76,78 +76,65 @@ def allocate(
     lock of the whole state dir, `names.lock`, taken before any ledger's lock (and
     never after one, so the two cannot deadlock).
     """
-    # A Ledger's lock, on a file no server's ledger uses (theirs end in .json.lock).
-    names = Ledger(config.state_dir, config.server, config.lock_timeout)
-    names.lock_path = os.path.join(config.state_dir, NAMES_LOCK)
-    names.ensure_dirs()
-    fd = names.lock()
+    local = open_ledger(config)
+    local.ensure_dirs()
+    names = local.lock(os.path.join(config.state_dir, NAMES_LOCK))
     try:
-        return _allocate(config, name, gpus, cpus, server, ttl)
-    finally:
-        os.close(fd)
+        _check_unique(config, name)
+        if server == "auto":
+            server = _pick_server(config, gpus, cpus)
+        server = server or config.server
+        if server not in server_names(config):
+            known = ", ".join(server_names(config))
+            raise NotFoundError(f"no server named '{server}'; the servers are {known}")
 
-
-def _allocate(
-    config: Config,
-    name: str,
-    gpus: int,
-    cpus: int | None,
-    server: str | None,
-    ttl: float | None,
-) -> dict[str, object]:
-    _check_unique(config, name)
-    if server == "auto":
-        server = _pick_server(config, gpus, cpus)
-    server = server or config.server
-    if server not in server_names(config):
-        known = ", ".join(server_names(config))
-        raise NotFoundError(f"no server named '{server}'; the servers are {known}")
-
-    ledger = open_ledger(config, server)
-    ledger.ensure_dirs()
-    outside = busy_outside(config) if server == config.server else {}
-    with ledger.transaction() as state:
-        now = time.time()
-        dead = reap_dead(ledger, state, now)
-        inventory = _known_inventory(config, server, state)
-        request = _request(config, server, inventory, gpus, cpus)
-        for lease in state.leases:
-            if lease.name == name and ledger.alive(lease, now):
-                raise RefusedError(f"a live lease on {server} is already named '{name}'")
-        spot = _admitted_spot(config, server, state, inventory, request, now, outside)
+        ledger = open_ledger(config, server)
+        ledger.ensure_dirs()
+        outside = busy_outside(config) if server == config.server else {}
+        with ledger.transaction() as state:
+            now = time.time()
+            dead = reap_dead(ledger, state, now)
+            inventory = _known_inventory(config, server, state)
+            request = _request(config, server, inventory, gpus, cpus)
+            for lease in state.leases:
+                if lease.name == name and ledger.alive(lease, now):
+                    raise RefusedError(f"a live lease on {server} is already named '{name}'")
+            spot = _admitted_spot(config, server, state, inventory, request, now, outside)
+            if spot is None:
+                busy = _busy(config, state, inventory, request, server, outside)
+            else:
+                lease = Lease(
+                    id=state.take_id(),
+                    kind="reservation",
+                    state="running",
+                    name=name,
+                    user=_user_name(),
+                    uid=os.getuid(),
+                    host=os.uname().nodename,
+                    gpus=spot[0],
+                    cpus=spot[1],
+                    command=(),
+                    created=now,
+                    started=now,
+                    holders=(),
+                    boot="",
+                    expires=None if ttl is None else now + ttl,
+                    request=request,
+                    priority=0,
+                    time_limit=None,
+                    after=(),
+                    after_any=False,
+                    log=None,
+                    placed=now,
+                    reservation=None,
+                )
+                state.add(lease)
+        forget_dead(ledger, dead, now)
         if spot is None:
-            busy = _busy(config, state, inventory, request, server, outside)
-        else:
-            lease = Lease(
-                id=state.take_id(),
-                kind="reservation",
-                state="running",
-                name=name,
-                user=_user_name(),
-                uid=os.getuid(),
-                host=os.uname().nodename,
-                gpus=spot[0],
-                cpus=spot[1],
-                command=(),
-                created=now,
-                started=now,
-                holders=(),
-                boot="",
-                expires=None if ttl is None else now + ttl,
-                request=request,
-                priority=0,
-                time_limit=None,
-                after=(),
-                after_any=False,
-                log=None,
-                placed=now,
-                reservation=None,
-            )
-            state.add(lease)
-    forget_dead(ledger, dead, now)
-    if spot is None:
-        raise BusyError(busy)
-    return reservation_view(config, lease, server)
+            raise BusyError(busy)
+        return reservation_view(config, lease, server)
+    finally:
+        os.close(names)
 
 
 def reservation_view(config: Config, lease: Lease, server: str) -> dict[str, object]:
@@ -286,7 +273,7 @@ def run_inside(config: Config, spec: Spec, executable: str, argv: list[str]) -> 
         running = f"job {ids} runs inside it, leaving" if ids else "it has"
         raise BusyError(
             f"reservation '{current.name}' has too little left: {running} "
-            f"{_plural(free_gpus, 'GPU')} and {_plural(free_cpus, 'CPU')}"
+            f"{plural(free_gpus, 'GPU')} and {plural(free_cpus, 'CPU')}"
             f"{not_handed_out(config, outside, held_gpus)}; ask for at most that with -g and "
             "-c (-c 0 for no CPUs)"
         )
@@ -411,8 +398,8 @@ def _busy(
     held_cpus = {c for lease in state.leases for c in lease.cpus if c in cpus}
     waiting = sum(1 for lease in state.leases if lease.state == "waiting")
     text = (
-        f"server {server} cannot reserve {_plural(request.gpus, 'GPU')} and "
-        f"{_plural(request.cpus, 'CPU')} now: "
+        f"server {server} cannot reserve {plural(request.gpus, 'GPU')} and "
+        f"{plural(request.cpus, 'CPU')} now: "
         f"{len(held_gpus)} of {len(gpus)} GPUs and {len(held_cpus)} of {len(cpus)} CPUs are held"
     )
     if server == config.server:
@@ -461,14 +448,10 @@ def _pick_server(config: Config, gpus: int, cpus: int | None) -> str:
             why = why[:400].rsplit(" ", 1)[0] + " ..."
         if len(never) == len(reasons):
             raise CapacityError(
-                f"no server can ever hold {_plural(gpus, 'GPU')} ({why}); ask for fewer"
+                f"no server can ever hold {plural(gpus, 'GPU')} ({why}); ask for fewer"
             )
-        raise BusyError(f"no server can reserve {_plural(gpus, 'GPU')} now ({why}); try later")
+        raise BusyError(f"no server can reserve {plural(gpus, 'GPU')} now ({why}); try later")
     return best[2]
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _check_owner(lease: Lease, action: str) -> None:

@@ -589,20 +589,11 @@ def show_log(ref: str, follow: bool = False) -> int:
     """Copy the job's output file to stdout; with `follow`, until Slurm says it ended."""
     path = log_path(ref)
     job = job_id(ref)
-    out = sys.stdout.buffer
+    from gpurun.jobs import copy_output
+
     try:
-        with open(path, "rb") as f:
-            while True:
-                chunk = f.read(65536)
-                if chunk:
-                    out.write(chunk)
-                    out.flush()
-                    continue
-                if not follow or not _still_running(job):
-                    out.write(f.read())
-                    out.flush()
-                    return 0
-                time.sleep(0.5)
+        copy_output(path, lambda: follow and _still_running(job), 0.5)
+        return 0
     except FileNotFoundError:
         raise NotFoundError(
             f"the output of Slurm job {job} ({path}) is not there (yet); a pending job "

@@ -31,6 +31,30 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
         time.sleep(0.01)
 
 
+def lease_record(lease_id: int = 1, **fields: object) -> dict:
+    """A lease as a ledger stores it, with only the fields every schema has (schema 1 has no
+    more); `fields` replace the defaults."""
+    record = {
+        "id": lease_id,
+        "kind": "job",
+        "state": "running",
+        "name": "x",
+        "user": "u",
+        "uid": 0,
+        "host": "h",
+        "gpus": [],
+        "cpus": [],
+        "command": ["x"],
+        "created": 1.0,
+        "started": 1.0,
+        "holders": [],
+        "boot": "b",
+        "expires": None,
+    }
+    record.update(fields)
+    return record
+
+
 def read_json(path: Path | str) -> dict:
     with open(path) as f:
         return json.load(f)

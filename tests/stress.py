@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from invariants import check
+from stress_job import start_time
 
 HERE = Path(__file__).resolve().parent
 GPURUN = str(Path(sys.executable).with_name("gpurun"))
@@ -124,7 +125,7 @@ class Run:
             job = running[self.rng.choice(sorted(running))]
             signum = signal.SIGKILL if action.startswith("SIGKILL") else signal.SIGTERM
             # The start time makes sure the pid is still that job's command.
-            if _start_time(job["pid"]) != job["start"]:
+            if start_time(job["pid"]) != job["start"]:
                 return
             os.kill(job["pid"], signum)
         elif action == "gpurun gc":
@@ -248,16 +249,6 @@ def _jobs_by_wrapper(out: Path) -> dict[int, int]:
         if "ppid" in record:
             found[record["ppid"]] = record["job"]
     return found
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return None if fields[0] in (b"Z", b"X") else int(fields[19])
 
 
 def main(argv: list[str] | None = None) -> int:

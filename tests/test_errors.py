@@ -8,6 +8,7 @@ import os
 import subprocess
 
 import pytest
+from conftest import lease_record
 
 from gpurun.cli import main
 from gpurun.ledger import SCHEMA
@@ -173,23 +174,9 @@ def test_ledger_from_an_older_gpurun_is_read_and_upgraded_out_loud(gpurun):
     # A schema 1 ledger (gpurun 0.1) lacks the fields from `request` on.
     assert gpurun.run("-g", "1", "--", "true").returncode == 0
     ledger = gpurun.ledger_path()
-    lease = {
-        "id": 2,
-        "kind": "reservation",
-        "state": "running",
-        "name": "old",
-        "user": "root",
-        "uid": 0,
-        "host": "h",
-        "gpus": [3],
-        "cpus": [],
-        "command": [],
-        "created": 1.0,
-        "started": 1.0,
-        "holders": [],
-        "boot": "",
-        "expires": None,
-    }
+    lease = lease_record(
+        2, kind="reservation", name="old", user="root", gpus=[3], command=[], boot=""
+    )
     ledger.write_text(json.dumps({"schema": 1, "next_id": 3, "leases": [lease]}))
     before = ledger.read_bytes()
 

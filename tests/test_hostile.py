@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import GPURUN, wait_for, wait_json
+from conftest import GPURUN, lease_record, wait_for, wait_json
 
 
 def one_line(stderr: str) -> str:
@@ -112,23 +112,7 @@ def test_a_ledger_with_impossible_numbers_is_unreadable_not_a_crash(gpurun):
     assert gpurun.run("-g", "1", "--", "true").returncode == 0
     ledger = gpurun.ledger_path()
     doc = json.loads(ledger.read_text())
-    lease = {
-        "id": 5,
-        "kind": "job",
-        "state": "running",
-        "name": "x",
-        "user": "u",
-        "uid": 0,
-        "host": "h",
-        "gpus": [0],
-        "cpus": [],
-        "command": ["x"],
-        "created": 1e308,
-        "started": None,
-        "holders": [],
-        "boot": "b",
-        "expires": None,
-    }
+    lease = lease_record(5, gpus=[0], created=1e308, started=None)
     for created in ("NaN", "Infinity", "1e308"):
         text = json.dumps({**doc, "leases": [lease]}).replace("1e+308", created)
         ledger.write_text(text)
@@ -197,23 +181,16 @@ def test_kill_refuses_holders_that_are_not_a_gpurun(gpurun):
     ledger = gpurun.ledger_path()
     doc = json.loads(ledger.read_text())
     doc["leases"] = [
-        {
-            "id": 7,
-            "kind": "job",
-            "state": "running",
-            "name": "forged",
-            "user": "root",
-            "uid": 0,
-            "host": "h",
-            "gpus": [0],
-            "cpus": [],
-            "command": ["x"],
-            "created": time.time(),
-            "started": time.time(),
-            "holders": [{"pid": shell.pid, "start": start, "role": "gpurun"}],
-            "boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-            "expires": None,
-        }
+        lease_record(
+            7,
+            name="forged",
+            user="root",
+            gpus=[0],
+            created=time.time(),
+            started=time.time(),
+            holders=[{"pid": shell.pid, "start": start, "role": "gpurun"}],
+            boot=Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        )
     ]
     ledger.write_text(json.dumps(doc))
     try:

@@ -14,6 +14,7 @@ import json
 import string
 
 import pytest
+from conftest import lease_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_errors import tree_digest
@@ -124,23 +125,7 @@ JSON = st.recursive(
 
 
 def valid_lease(lease_id: int) -> dict:
-    return {
-        "id": lease_id,
-        "kind": "job",
-        "state": "running",
-        "name": "x",
-        "user": "u",
-        "uid": 0,
-        "host": "h",
-        "gpus": [lease_id % 4],
-        "cpus": [],
-        "command": ["x"],
-        "created": 1.0,
-        "started": 1.0,
-        "holders": [],
-        "boot": "another-boot",
-        "expires": None,
-    }
+    return lease_record(lease_id, gpus=[lease_id % 4], boot="another-boot")
 
 
 @FAST

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import lease_record
 
 from gpurun.config import build_config, load_config
 from gpurun.cpulist import format_cpulist, online_cpus, parse_cpulist
@@ -121,23 +122,12 @@ def test_the_ledger_refuses_to_record_a_lease_its_reader_would_refuse():
     from gpurun.ledger import Holder, Lease, State
 
     lease = Lease.from_json(
-        {
-            "id": 1,
-            "kind": "job",
-            "state": "waiting",
-            "name": "x",
-            "user": "u",
-            "uid": 0,
-            "host": "h",
-            "gpus": [],
-            "cpus": [],
-            "command": ["true"],
-            "created": 1.0,
-            "started": None,
-            "holders": [{"pid": 5, "start": 1, "role": "gpurun"}],
-            "boot": "b",
-            "expires": None,
-        }
+        lease_record(
+            state="waiting",
+            command=["true"],
+            started=None,
+            holders=[{"pid": 5, "start": 1, "role": "gpurun"}],
+        )
     )
     state = State([], 1, 0.0)
 
