@@ -103,9 +103,9 @@ def allocate(
             if spot is None:
                 busy = _busy(config, state, inventory, request, server, outside)
             else:
-                lease = Lease(
+                # The probe the queue's rules judged, now granted: no holder, its spot.
+                lease = _new_probe(state, request, now)._replace(
                     id=state.take_id(),
-                    kind="reservation",
                     state="running",
                     name=name,
                     user=_user_name(),
@@ -113,20 +113,10 @@ def allocate(
                     host=os.uname().nodename,
                     gpus=spot[0],
                     cpus=spot[1],
-                    command=(),
-                    created=now,
                     started=now,
                     holders=(),
-                    boot="",
                     expires=None if ttl is None else now + ttl,
-                    request=request,
-                    priority=0,
-                    time_limit=None,
-                    after=(),
-                    after_any=False,
-                    log=None,
                     placed=now,
-                    reservation=None,
                 )
                 state.add(lease)
         forget_dead(ledger, dead, now)
