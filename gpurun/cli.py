@@ -2,7 +2,7 @@
 
 `main(argv)` is the only place that prints errors and chooses exit codes. The run path imports
 the other commands' modules only when they are used, and parses its usual command lines
-without argparse (see `quick_run_args`).
+without argparse (see `quick_args`).
 """
 
 from __future__ import annotations
@@ -412,7 +412,14 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     return "run", argv
 
 
-# The run options the quick parser knows: option -> (dest, converter); None marks a flag.
+# The options the quick parser knows: option -> (dest, converter); None marks a flag.
+COMMON_OPTIONS = {
+    "--config": ("config", str),
+    "-v": ("verbose", None),
+    "--verbose": ("verbose", None),
+    "--server": ("server", _server_name),
+}
+BACKEND_OPTION = {"--backend": ("backend", _backend_name)}
 RUN_OPTIONS = {
     "-g": ("gpus", _count),
     "--gpus": ("gpus", _count),
@@ -431,33 +438,50 @@ RUN_OPTIONS = {
     "--reservation": ("reservation", str),
     "--after": ("after", _job_ids),
     "--after-any": ("after_any", _job_ids),
-    "--config": ("config", str),
-    "-v": ("verbose", None),
-    "--verbose": ("verbose", None),
-    "--server": ("server", _server_name),
-    "--backend": ("backend", _backend_name),
+    **COMMON_OPTIONS,
+    **BACKEND_OPTION,
 }
-RUN_DEFAULTS = {dest: None for dest, _ in RUN_OPTIONS.values()}
-RUN_DEFAULTS.update(no_wait=False, detach=False, verbose=False, priority=0)
+# The commands run thousands of times (a launch; ps and status in watch loops and scripts),
+# whose plain forms skip argparse.
+QUICK_OPTIONS = {
+    "run": RUN_OPTIONS,
+    "ps": {"-a": ("all", None), "--all": ("all", None), "--json": ("json", None)}
+    | COMMON_OPTIONS
+    | BACKEND_OPTION,
+    "status": {"--detail": ("detail", None), "--json": ("json", None)} | COMMON_OPTIONS,
+}
 
 
-def quick_run_args(options: list[str]) -> object | None:
-    """Parse the common run command lines as build_parser("run") would, without argparse.
+class _Parsed:
+    """Options as attributes, as argparse's Namespace holds them (types.SimpleNamespace would
+    do, but importing types costs a launch 0.3 ms)."""
+
+    def __init__(self, **values: object) -> None:
+        self.__dict__.update(values)
+
+
+def quick_args(command: str, options: list[str]) -> object | None:
+    """Parse the plain command lines of QUICK_OPTIONS' commands as build_parser would,
+    without argparse; for `run`, what follows the options is the command.
 
     Importing argparse, and the gettext, locale and shutil it pulls in, costs a launch about
     half of what the interpreter takes to start. Anything outside the plain forms (bundled
     or abbreviated options, a value that starts with '-', a bad value, --help, both --after
-    and --after-any) returns None, and argparse then parses it and words the error.
+    and --after-any, a word after the options of ps or status) returns None, and argparse
+    then parses it and words the error.
     """
-    from types import SimpleNamespace
-
-    values = dict(RUN_DEFAULTS)
+    known_options = QUICK_OPTIONS[command]
+    values: dict[str, object] = {
+        dest: False if convert is None else None for dest, convert in known_options.values()
+    }
+    if command == "run":
+        values["priority"] = 0
     i = 0
     while i < len(options):
         option, joined, value = options[i].partition("=")
         if not option.startswith("-"):
             break
-        known = RUN_OPTIONS.get(option)
+        known = known_options.get(option)
         if known is None or (joined and not option.startswith("--")):
             return None
         dest, convert = known
@@ -476,9 +500,11 @@ def quick_run_args(options: list[str]) -> object | None:
         except (ValueError, TypeError):
             return None
         i += 1 if joined else 2
+    if command != "run":
+        return _Parsed(**values) if i == len(options) else None
     if values["after"] is not None and values["after_any"] is not None:
         return None
-    return SimpleNamespace(**values, command=options[i:])
+    return _Parsed(**values, command=options[i:])
 
 
 def _split_run(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -513,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = split_command(argv)
         if command == "run":
             options, tail = _split_run(rest)
-            args = quick_run_args(options) or build_parser("run").parse_args(options)
+            args = quick_args("run", options) or build_parser("run").parse_args(options)
             args.command = [*args.command, *tail]
+        elif command in QUICK_OPTIONS:
+            args = quick_args(command, rest) or build_parser(command).parse_args(rest)
         else:
             args = build_parser(command).parse_args(rest)
         if args.config == "":

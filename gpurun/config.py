@@ -582,8 +582,9 @@ def _cache_path(path: str) -> str:
 
 def _cached_parse(cache: str, text: str) -> tuple[dict[str, object], dict[str, int]] | None:
     """The cached parse of `text`, or None when the cache holds another text or is not ours."""
-    import json
     import stat
+
+    from gpurun import codec
 
     try:
         # O_NONBLOCK: a FIFO planted under the cache's name must not hang every command.
@@ -594,7 +595,7 @@ def _cached_parse(cache: str, text: str) -> tuple[dict[str, object], dict[str, i
                 return None
             if info.st_uid != os.geteuid() or info.st_mode & 0o022:
                 return None
-            entry = json.loads(f.read())
+            entry = codec.loads(f.read())
         if entry["text"] != text or not isinstance(entry["data"], dict):
             return None
         if not isinstance(entry["lines"], dict):
@@ -606,7 +607,7 @@ def _cached_parse(cache: str, text: str) -> tuple[dict[str, object], dict[str, i
 
 def _store_parse(cache: str, text: str, data: dict[str, object], lines: dict[str, int]) -> None:
     """Cache the parse if it is plain JSON data; a cache that cannot be written is skipped."""
-    import json
+    from gpurun import codec
 
     if not _plain(data, [CACHE_MAX_NODES], 0):
         return
@@ -623,7 +624,7 @@ def _store_parse(cache: str, text: str, data: dict[str, object], lines: dict[str
         os.makedirs(folder, mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with open(fd, "w", encoding="utf-8") as f:
-            json.dump({"text": text, "data": data, "lines": lines}, f)
+            f.write(codec.dumps({"text": text, "data": data, "lines": lines}))
         os.rename(tmp, cache)
     except OSError:
         try:

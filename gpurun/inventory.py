@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from collections import namedtuple
 
 from gpurun.cpulist import MAX_CPUS, parse_cpulist
@@ -130,6 +129,8 @@ def _expand(key: str, entry: dict) -> list[tuple[str, dict]]:
         raise InventoryError(
             f"{key}.name", "a group needs a name template with {i}, such as 'gpu-{i:02d}'"
         )
+    import re
+
     for field in ("name", "address"):
         # A width like {i:99999999999d} would build a string of that many characters.
         if isinstance(entry.get(field), str) and re.search(r"\{[^}]*\d{3,}", entry[field]):

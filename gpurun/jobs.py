@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 
-from gpurun import liveness
+from gpurun import liveness, signals
 from gpurun.admission import queue_order
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
@@ -22,7 +21,7 @@ from gpurun.log import get_logger
 log = get_logger(__name__)
 
 # Signals after which `kill` sends SIGKILL to what is left once kill_grace has passed.
-ESCALATE = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+ESCALATE = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGQUIT)
 
 
 def iso_time(when: float | None) -> str | None:
@@ -335,22 +334,18 @@ def find_lease(state: State, ref: str) -> Lease:
     return matches[0]
 
 
-def parse_signal(text: str) -> signal.Signals:
+def parse_signal(text: str) -> int:
     """A signal from 'TERM', 'SIGTERM' or '15'."""
-    try:
-        if is_id(text):
-            return signal.Signals(int(text))
-        name = text.upper()
-        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-    except (KeyError, ValueError):
-        raise UsageError(
-            f"unknown signal '{text}'; use a name like TERM or a number from 1 to 64"
-        ) from None
+    if is_id(text) and int(text) in signals.NAMES:
+        return int(text)
+    name = text.upper()
+    number = signals.NUMBERS.get(name if name.startswith("SIG") else "SIG" + name)
+    if number is None:
+        raise UsageError(f"unknown signal '{text}'; use a name like TERM or a number from 1 to 64")
+    return number
 
 
-def kill_job(
-    config: Config, ref: str, signum: signal.Signals = signal.SIGTERM
-) -> dict[str, object]:
+def kill_job(config: Config, ref: str, signum: int = signals.SIGTERM) -> dict[str, object]:
     """Signal every process of a job; after TERM-like signals, KILL what is left after the
     grace period. Returns the job as `ps` shows it, with the signals sent."""
     ledger = open_ledger(config)
@@ -370,7 +365,7 @@ def kill_job(
     if lease.kind != "job":
         raise RefusedError(f"{lease.id} is a reservation, not a job; use 'gpurun release'")
 
-    sent = [signum.name]
+    sent = [signals.name(signum)]
     lock_path = ledger.job_lock_path(lease.id)
     if not _signal_job(lease, lock_path, signum):
         raise NotFoundError(
@@ -379,7 +374,7 @@ def kill_job(
         )
     if signum in ESCALATE:
         if not _wait_gone(lease, lock_path, config.kill_grace):
-            _signal_job(lease, lock_path, signal.SIGKILL, checked=True)
+            _signal_job(lease, lock_path, signals.SIGKILL, checked=True)
             sent.append("SIGKILL")
             _wait_gone(lease, lock_path, 5.0)
         _wait_released(ledger, lease, 5.0)

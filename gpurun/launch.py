@@ -8,12 +8,11 @@ transaction to place it, one to record the command's pid, one to free it.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections import namedtuple
 
-from gpurun import liveness, supervise
+from gpurun import liveness, signals, supervise
 from gpurun.admission import BLOCKED, FAILED, READY, admit, queue_order
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
@@ -176,9 +175,9 @@ def reserve(
     # Signals end the wait cleanly (Ctrl-C through KeyboardInterrupt), unless they are ignored
     # (nohup, a detached job).
     previous = {
-        sig: signal.signal(sig, _raise_interrupted)
+        sig: signals.signal(sig, _raise_interrupted)
         for sig in supervise.FORWARDED[1:]
-        if signal.getsignal(sig) is not signal.SIG_IGN
+        if signals.getsignal(sig) != signals.SIG_IGN
     }
     outside_age = None
     written = False  # whether the ledger has recorded the entry, so history must too
@@ -240,7 +239,7 @@ def reserve(
                 return entry, lock_fd
             log.debug("job %d waits, %d of %d in the queue", entry.id, position, queued)
 
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+            signals.pthread_sigmask(signals.SIG_UNBLOCK, supervise.BLOCKED)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise BusyError(f"{busy}; gave up after --timeout {timeout:g} s")
@@ -267,14 +266,14 @@ def reserve(
                 progress.waiting(entry.id, position, queued, busy)
     except BaseException as exc:
         progress.clear()
-        signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
+        signals.pthread_sigmask(signals.SIG_BLOCK, supervise.BLOCKED)
         if entry is not None:
             _withdraw(ledger, entry, lock_fd, exc, written)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+        signals.pthread_sigmask(signals.SIG_UNBLOCK, supervise.BLOCKED)
         raise
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signals.signal(sig, handler)
         if watcher is not None:
             watcher.close()
 
@@ -286,7 +285,7 @@ def run_reserved(
 
     Called with supervise.BLOCKED signals blocked.
     """
-    pending = signal.sigpending() & set(supervise.ENDING)
+    pending = signals.sigpending() & set(supervise.ENDING)
     if pending:
         interrupted = Interrupted(min(pending))
         _withdraw(ledger, lease, lock_fd, interrupted, True)
@@ -325,7 +324,7 @@ def run_reserved(
     supervise.end_leftovers(config.kill_grace)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
-        supervise.say(f"job {lease.id} ({lease.name}) was ended by {signal.Signals(-code).name}")
+        supervise.say(f"job {lease.id} ({lease.name}) was ended by {signals.name(-code)}")
         code = 128 - code
     record = _release(ledger, config, lease, lock_fd, code)
     if config.on_finish:
@@ -534,7 +533,7 @@ def run_hook(command: str, record: dict[str, object]) -> None:
             file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)],
             setsid=True,
             setsigmask=(),
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            setsigdef=(signals.SIGPIPE, signals.SIGXFSZ),
         )
     except OSError as exc:
         log.warning("on_finish could not start: %s", exc.strerror)
@@ -589,7 +588,7 @@ def _placed_meanwhile(ledger: Ledger, lease_id: int) -> tuple[Lease | None, Stat
     waiting gpurun woken by its placement starts without queueing for the lock behind
     everyone else. Blocks supervise.BLOCKED before it looks, as reserve returns so.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, supervise.BLOCKED)
+    signals.pthread_sigmask(signals.SIG_BLOCK, supervise.BLOCKED)
     try:
         state = ledger.read()
     except LedgerError:
@@ -597,7 +596,7 @@ def _placed_meanwhile(ledger: Ledger, lease_id: int) -> tuple[Lease | None, Stat
     lease = None if state is None else state.find(lease_id)
     if lease is not None and lease.state == "running":
         return lease, state
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+    signals.pthread_sigmask(signals.SIG_UNBLOCK, supervise.BLOCKED)
     return None, state
 
 
@@ -701,7 +700,7 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
     try:
         os.close(read_end)
         os.setsid()
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signals.signal(signals.SIGHUP, signals.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
 

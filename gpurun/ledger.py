@@ -20,13 +20,12 @@ older schemas and refuses newer ones, so an old gpurun never drops fields it doe
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import signal
 import sys
 import time
 from collections import namedtuple
 
+from gpurun import codec, signals
 from gpurun.errors import LedgerError
 from gpurun.log import get_logger
 from gpurun.placement import Request
@@ -519,7 +518,7 @@ class Ledger:
 
     def _parse(self, data: bytes) -> State:
         try:
-            doc = json.loads(data)
+            doc = codec.loads(data)
             version = doc.get("schema") if isinstance(doc, dict) else None
             if not isinstance(version, int) or isinstance(version, bool):
                 raise ValueError("it has no schema version")
@@ -611,10 +610,8 @@ class Ledger:
         }
         if state.inventory is not None:
             header.update(state.inventory)
-        head = json.dumps(header, separators=(",", ":"))
-        lines = ",\n".join(
-            json.dumps(lease.to_json(), separators=(",", ":")) for lease in state.leases
-        )
+        head = codec.dumps(header)
+        lines = ",\n".join(codec.dumps(lease.to_json()) for lease in state.leases)
         text = head[:-1] + ',"leases":[\n' + lines + "\n]}\n"
         return self._write_temp(self.path, text.encode())
 
@@ -808,13 +805,13 @@ class Ledger:
         def expire(signum: int, frame: object) -> None:
             raise LockTimeout
 
-        previous = signal.signal(signal.SIGALRM, expire)
+        previous = signals.signal(signals.SIGALRM, expire)
         try:
-            signal.setitimer(signal.ITIMER_REAL, self.lock_timeout)
+            signals.setitimer(signals.ITIMER_REAL, self.lock_timeout)
             fcntl.flock(fd, fcntl.LOCK_EX)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            signals.setitimer(signals.ITIMER_REAL, 0)
+            signals.signal(signals.SIGALRM, previous)
 
     def _open_lock_file(self, path: str) -> int:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -843,7 +840,7 @@ class Ledger:
         """Append finished jobs to the history file in one write."""
         if not records:
             return
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        data = "".join(codec.dumps(r) + "\n" for r in records).encode()
         try:
             if not os.path.exists(self.history_path):
                 create_shared_file(self.history_path)
@@ -877,7 +874,7 @@ class Ledger:
         records = []
         for line in data.splitlines():
             try:
-                record = json.loads(line)
+                record = codec.loads(line)
             except ValueError:
                 log.debug("skipping a torn history line in %s", self.history_path)
                 continue
@@ -924,7 +921,7 @@ class Ledger:
         best = 0
         for line in tail.splitlines():
             try:
-                value = json.loads(line).get("id")
+                value = codec.loads(line).get("id")
             except (ValueError, AttributeError):
                 continue
             if isinstance(value, int):
@@ -964,7 +961,7 @@ def crash_at(point: str) -> None:
         return
     _crash_count[0] += 1
     if _crash_count[0] >= (int(count) if count.isdigit() else 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signals.SIGKILL)
 
 
 def create_shared_file(path: str) -> None:
@@ -1034,7 +1031,7 @@ def _history_line(line: bytes, wanted: set[int]) -> dict[str, object] | None:
     if not head.isdigit() or int(head) not in wanted:
         return None
     try:
-        record = json.loads(line)
+        record = codec.loads(line)
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
@@ -1057,7 +1054,7 @@ class Transaction:
             crash_at("locked")
         if self.block:
             # Taken only once the lock is held, so Ctrl-C still ends a wait for the lock.
-            signal.pthread_sigmask(signal.SIG_BLOCK, self.block)
+            signals.pthread_sigmask(signals.SIG_BLOCK, self.block)
         try:
             self.state = self.ledger.read()
         except BaseException:
@@ -1127,18 +1124,18 @@ class Watcher:
     def __init__(self, folder: str, wanted: tuple[str, ...] | None = None) -> None:
         self.fd = -1
         self.wanted = None if wanted is None else {os.fsencode(name) for name in wanted}
-        try:
-            import ctypes
+        from gpurun import libc
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = libc.call("inotify_init1", os.O_NONBLOCK | os.O_CLOEXEC)
             mask = self.IN_MOVED_TO | self.IN_ATTRIB
             folders = (folder, os.path.join(folder, "jobs"))
-            if fd >= 0 and all(libc.inotify_add_watch(fd, f.encode(), mask) >= 0 for f in folders):
+            watched = (libc.call("inotify_add_watch", fd, os.fsencode(f), mask) for f in folders)
+            if fd >= 0 and all(wd >= 0 for wd in watched):
                 self.fd = fd
             elif fd >= 0:
                 os.close(fd)
-        except (OSError, AttributeError):
+        except OSError:
             self.fd = -1
 
     def wait(self, seconds: float) -> None:

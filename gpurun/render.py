@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -10,6 +9,8 @@ from gpurun.cpulist import format_cpulist
 
 
 def to_json(data: object) -> str:
+    import json
+
     return json.dumps(data, indent=2)
 
 

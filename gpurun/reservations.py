@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from gpurun import supervise
+from gpurun import signals, supervise
 from gpurun.admission import READY, admit
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
@@ -254,9 +254,7 @@ def run_inside(config: Config, spec: Spec, executable: str, argv: list[str]) -> 
             state.add(entry)
     forget_dead(ledger, dead, now)
     if spot is None:
-        import signal
-
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.BLOCKED)
+        signals.pthread_sigmask(signals.SIG_UNBLOCK, supervise.BLOCKED)
         ids = ", ".join(str(lease.id) for lease in inside)
         free_gpus = len(current.gpus) - len(held_gpus)
         free_cpus = len(current.cpus) - len(held_cpus)

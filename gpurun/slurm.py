@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
 import time
 
+from gpurun import signals
 from gpurun.config import Config
 from gpurun.errors import (
     BusyError,
@@ -244,7 +244,7 @@ def run_foreground(
     read_end, write_end = os.pipe()
     from gpurun.supervise import BLOCKED as forwarded  # the signals gpurun passes on, SIGCHLD
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+    signals.pthread_sigmask(signals.SIG_BLOCK, forwarded)
     try:
         pid = os.posix_spawn(
             srun,
@@ -260,8 +260,8 @@ def run_foreground(
     status = None
     withdrawn = 0
     while status is None:
-        info = signal.sigwaitinfo(forwarded)
-        if info.si_signo == signal.SIGCHLD:
+        info = signals.sigwaitinfo(forwarded)
+        if info.si_signo == signals.SIGCHLD:
             done, raw = os.waitpid(pid, os.WNOHANG)
             if done:
                 status = raw
@@ -269,7 +269,7 @@ def run_foreground(
         if not _pass_on(pid, comment, info.si_signo):
             withdrawn = withdrawn or info.si_signo
     relay.join()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+    signals.pthread_sigmask(signals.SIG_UNBLOCK, forwarded)
 
     code = os.waitstatus_to_exitcode(status)
     if withdrawn and code in (SLURM_EXIT_ERROR, 128 + withdrawn, 1):
@@ -297,7 +297,7 @@ def _pass_on(srun: int, comment: str, signum: int) -> bool:
             if len(fields) == 3 and fields[2] == comment and fields[1] == "RUNNING":
                 job = fields[0]
     if job is not None:
-        name = signal.Signals(signum).name.removeprefix("SIG")
+        name = signals.name(signum).removeprefix("SIG")
         with contextlib.suppress(SlurmError):
             _slurm(["scancel", f"--signal={name}", job], timeout=10)
             return True
@@ -546,15 +546,15 @@ def job_id(ref: str) -> str:
     return text
 
 
-def kill_job(ref: str, signum: signal.Signals) -> dict[str, object]:
+def kill_job(ref: str, signum: int) -> dict[str, object]:
     """scancel the job (with --signal for anything but TERM); return what was sent."""
     job = job_id(ref)
     argv = ["scancel", job]
-    if signum != signal.SIGTERM:
-        argv.insert(1, f"--signal={signum.name.removeprefix('SIG')}")
+    if signum != signals.SIGTERM:
+        argv.insert(1, f"--signal={signals.name(signum).removeprefix('SIG')}")
     _known(job)
     _slurm(argv, timeout=30)
-    return {"id": int(job), "backend": "slurm", "signals": [signum.name], "name": None}
+    return {"id": int(job), "backend": "slurm", "signals": [signals.name(signum)], "name": None}
 
 
 def _known(job: str) -> None:

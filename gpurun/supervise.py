@@ -17,26 +17,25 @@ tree stays visible and is ended before the lease is freed.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
-from gpurun import liveness
+from gpurun import liveness, signals
 from gpurun.log import get_logger
 
 log = get_logger(__name__)
 
 FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
+    signals.SIGINT,
+    signals.SIGTERM,
+    signals.SIGHUP,
+    signals.SIGQUIT,
+    signals.SIGUSR1,
+    signals.SIGUSR2,
 )
 # Signals that end a waiting gpurun cleanly, leaving nothing in the ledger.
-ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-BLOCKED = (*FORWARDED, signal.SIGCHLD)
+ENDING = (signals.SIGINT, signals.SIGTERM, signals.SIGHUP)
+BLOCKED = (*FORWARDED, signals.SIGCHLD)
 SI_KERNEL = 0x80
 
 
@@ -56,7 +55,7 @@ def spawn(executable: str, command: list[str], env: dict[str, str], cpus: tuple[
         command,
         env,
         setsigmask=(),
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        setsigdef=(signals.SIGPIPE, signals.SIGXFSZ),
     )
 
 
@@ -72,21 +71,21 @@ def wait_for_command(
     kill_at = None
     while True:
         if deadline is None:
-            info = signal.sigwaitinfo(waitset)
+            info = signals.sigwaitinfo(waitset)
         else:
-            info = signal.sigtimedwait(waitset, max(0.0, deadline - time.monotonic()))
+            info = signals.sigtimedwait(waitset, max(0.0, deadline - time.monotonic()))
         if info is None:
             if kill_at is None:
                 if callable(on_overrun):
                     on_overrun()
-                signal_tree(signal.SIGTERM)
+                signal_tree(signals.SIGTERM)
                 kill_at = time.monotonic() + grace
                 deadline = kill_at
             else:
-                signal_tree(signal.SIGKILL)
+                signal_tree(signals.SIGKILL)
                 deadline = None
             continue
-        if info.si_signo == signal.SIGCHLD:
+        if info.si_signo == signals.SIGCHLD:
             status = reap_children(pid)
             if status is not None:
                 return status
@@ -121,15 +120,15 @@ def end_leftovers(grace: float) -> None:
     if not _has_children():
         return
     log.info("the command exited; ending what it left: %s", liveness.descendants(os.getpid()))
-    signal_tree(signal.SIGTERM)
+    signal_tree(signals.SIGTERM)
     deadline = time.monotonic() + grace
     killed = False
     while _has_children():
         left = deadline - time.monotonic()
         if left <= 0 and not killed:
-            signal_tree(signal.SIGKILL)
+            signal_tree(signals.SIGKILL)
             killed = True
-        signal.sigtimedwait({signal.SIGCHLD}, 0.5 if killed else min(left, 0.5))
+        signals.sigtimedwait({signals.SIGCHLD}, 0.5 if killed else min(left, 0.5))
         reap_children(-1)
 
 
@@ -153,12 +152,11 @@ def _has_children() -> bool:
 
 
 def _become_subreaper() -> None:
-    import ctypes
+    from gpurun import libc
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
+        libc.call("prctl", 36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except OSError:
         log.debug("cannot become a child subreaper; orphans of the job go to init")
 
 

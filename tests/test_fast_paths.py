@@ -1,4 +1,4 @@
-"""The launch path's shortcuts give the same answers as the long way: the quick run parser
+"""The launch path's shortcuts give the same answers as the long way: the quick parser
 agrees with argparse, and the config parse cache never serves a stale file."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from gpurun.cli import build_parser, quick_run_args
+from gpurun.cli import build_parser, quick_args
 from gpurun.config import _cache_path, load_config
 
 PLAIN = [
@@ -45,11 +45,32 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:at], argv[at + 1 :]
 
 
+# ps and status in watch loops and scripts: their plain forms, and the rest.
+PLAIN_VIEWS = [
+    ("ps", []),
+    ("ps", ["-a", "--json"]),
+    ("ps", ["--all", "--backend", "slurm", "-v", "--config=/x.yaml"]),
+    ("status", []),
+    ("status", ["--detail", "--server", "lab1", "--json", "--verbose"]),
+]
+VIEWS_LEFT_TO_ARGPARSE = [
+    ("ps", ["-aj"]),
+    ("ps", ["--al"]),
+    ("ps", ["extra"]),
+    ("ps", ["--detail"]),
+    ("ps", ["--backend", "nowhere"]),
+    ("status", ["-a"]),
+    ("status", ["--server", "bad/name"]),
+    ("status", ["--json=1"]),
+    ("status", ["--help"]),
+]
+
+
 @pytest.mark.parametrize("argv", PLAIN, ids=" ".join)
 def test_quick_run_parser_agrees_with_argparse(argv):
     options, _ = split(argv)
 
-    quick = quick_run_args(options)
+    quick = quick_args("run", options)
     full = build_parser("run").parse_args(options)
 
     assert quick is not None
@@ -60,7 +81,21 @@ def test_quick_run_parser_agrees_with_argparse(argv):
 def test_quick_run_parser_leaves_the_rest_to_argparse(argv):
     options, _ = split(argv)
 
-    assert quick_run_args(options) is None
+    assert quick_args("run", options) is None
+
+
+@pytest.mark.parametrize(("command", "options"), PLAIN_VIEWS, ids=str)
+def test_quick_parser_of_ps_and_status_agrees_with_argparse(command, options):
+    quick = quick_args(command, options)
+    full = build_parser(command).parse_args(options)
+
+    assert quick is not None
+    assert vars(quick) == vars(full)
+
+
+@pytest.mark.parametrize(("command", "options"), VIEWS_LEFT_TO_ARGPARSE, ids=str)
+def test_quick_parser_of_ps_and_status_leaves_the_rest_to_argparse(command, options):
+    assert quick_args(command, options) is None
 
 
 @pytest.fixture

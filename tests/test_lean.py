@@ -1,0 +1,111 @@
+"""The launch path's own JSON, signal and C-library code does what the standard modules it
+replaces would do, and the path imports none of those modules."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import GPURUN, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpurun import codec, signals
+from gpurun.jobs import parse_signal
+
+# Heavy modules a plain launch must not import (bench/ measures what each costs).
+HEAVY = {"json", "re", "enum", "signal", "ctypes", "argparse", "yaml", "logging", "subprocess"}
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def imported_by(argv: list[str], env: dict[str, str]) -> set[str]:
+    """The names of the modules `argv` (a gpurun command line) imports, from -X importtime."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", GPURUN, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = set()
+    for line in result.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            found.add(line.rsplit("|", 1)[1].strip())
+    return found
+
+
+def test_a_launch_imports_none_of_the_heavy_modules(gpurun):
+    gpurun.run("-g", "1", "--", "true")  # parses the config once and caches the parse
+
+    modules = imported_by(["-g", "1", "-c", "1", "--", "true"], gpurun.env)
+
+    assert "gpurun.launch" in modules
+    assert modules & HEAVY == set()
+
+
+def test_ps_and_status_import_none_of_the_heavy_modules(gpurun):
+    gpurun.run("-g", "1", "--", "true")
+    gpurun.start("-g", "1", "--", "sleep", "30")
+    wait_for(lambda: gpurun.ledger()["leases"], what="the job's lease")
+
+    for command in ("ps", "status"):
+        assert imported_by([command], gpurun.env) & HEAVY == set(), command
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(JSON_VALUES)
+def test_codec_writes_and_reads_what_json_does(value):
+    assert codec.dumps(value) == json.dumps(value, separators=(",", ":"))
+    assert codec.dumps(value, compact=False) == json.dumps(value)
+    text = json.dumps(value, indent=1)
+    assert codec.loads(text) == json.loads(text)
+    assert codec.loads(text.encode()) == json.loads(text)
+
+
+def test_codec_reads_the_constants_json_reads():
+    assert codec.loads("[NaN, Infinity, -Infinity]")[1:] == [math.inf, -math.inf]
+    assert math.isnan(codec.loads("NaN"))
+
+
+@pytest.mark.parametrize(
+    "text", ["", " ", "{", "[1,]", "1 2", "[1] x", "nul", "{'a': 1}", '"\\x"', '"a\nb"', "\x00"]
+)
+def test_codec_refuses_what_json_refuses(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        codec.loads(text)
+
+
+def test_codec_refuses_what_is_not_json_data():
+    with pytest.raises(TypeError):
+        codec.dumps({"when": object()})
+    with pytest.raises(ValueError):
+        codec.loads(b"\xff")
+
+
+def test_signal_names_are_the_signal_modules():
+    assert {member.value: member.name for member in signal.Signals} == signals.NAMES
+    assert parse_signal("iot") == signal.SIGABRT
+    assert parse_signal("TERM") == parse_signal("SIGTERM") == parse_signal("15") == 15
+    assert signals.name(signal.SIGRTMIN + 6) == f"signal {signal.SIGRTMIN + 6}"
+
+
+def test_a_job_ended_by_a_signal_with_no_name_is_reported(gpurun):
+    number = signal.SIGRTMIN + 6
+
+    result = gpurun.run("-g", "1", "--", "sh", "-c", f"kill -{number} $$")
+
+    assert result.returncode == 128 + number
+    assert f"was ended by signal {number}" in result.stderr
+    assert "internal error" not in result.stderr
