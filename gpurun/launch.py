@@ -33,6 +33,14 @@ from gpurun.placement import Request, check_limits, check_possible, plural
 log = get_logger(__name__)
 
 POLL_SECONDS = 1.0
+# Seconds a command runs before the ledger records its pid (see run_reserved).
+RECORD_AFTER = 0.1
+# A waiting gpurun polls (for leases whose processes died unseen) every POLL_SECONDS while it
+# is among the first POLL_GROUP in the queue, and less often further back, up to POLL_MAX:
+# whoever reaps a dead lease places and wakes the jobs it lets start, so the first few to
+# poll are enough, and in a crowd of 100 the polls of the rest took a fifth of two CPUs.
+POLL_GROUP = 8
+POLL_MAX = 10.0
 # A waiting gpurun asks again which GPUs are busy outside gpurun at most this often.
 OUTSIDE_MAX_AGE = 5.0
 
@@ -246,12 +254,21 @@ def reserve(
             progress.waiting(entry.id, position, queued, busy)
             if watcher is None:
                 # Watching starts only now, so look once more before the first wait: a
-                # placement in between would otherwise be seen only at the next poll.
-                lock_name = os.path.basename(ledger.job_lock_path(entry.id))
-                watcher = Watcher(ledger.state_dir, (lock_name, os.path.basename(ledger.lock_path)))
-                continue
+                # placement in between would otherwise be seen only at the next poll. The
+                # look is a read without the lock, as after each wait: in a crowd, a second
+                # transaction per waiting gpurun queued them all for the lock once more.
+                watched = (ledger.job_lock_path(entry.id), ledger.lock_path)
+                watcher = Watcher(ledger.state_dir, watched)
+                placed, snapshot = _placed_meanwhile(ledger, entry.id)
+                if placed is not None:
+                    log.info("job %d was placed while it waited", placed.id)
+                    progress.started(placed)
+                    return placed, lock_fd
+                if _worth_a_transaction(ledger, config, snapshot, entry.id, outside):
+                    continue
             while True:
-                watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
+                poll = min(POLL_MAX, POLL_SECONDS * max(1, position // POLL_GROUP))
+                watcher.wait(poll if left is None else min(left, poll))
                 placed, snapshot = _placed_meanwhile(ledger, entry.id)
                 if placed is not None:
                     log.info("job %d was placed while it waited", placed.id)
@@ -307,7 +324,11 @@ def run_reserved(
         raise failure from None
     started = time.time()
     log.info("job %d started: pid %d, %s", lease.id, pid, " ".join(lease.command))
-    lease = _record_command(ledger, lease, pid, started)
+    start = liveness.process_start(pid)
+    if start is not None:
+        liveness.write_command_holder(lock_fd, pid, start)
+        lease = lease._replace(holders=(*lease.holders, Holder(pid, start, "command")))
+    lease = lease._replace(started=started)
 
     deadline = None
     if lease.time_limit is not None:
@@ -320,7 +341,11 @@ def run_reserved(
             f"{config.kill_grace:g} s"
         )
 
-    status = supervise.wait_for_command(pid, deadline, config.kill_grace, overrun)
+    # The ledger learns the command's pid and start only if it still runs after a moment:
+    # a short command is recorded once, as it ends, and a crowd of them takes the ledger
+    # lock a third less often. Its job lock has both meanwhile (write_command_holder).
+    recording = (time.monotonic() + RECORD_AFTER, lambda: _record_command(ledger, lease))
+    status = supervise.wait_for_command(pid, deadline, config.kill_grace, overrun, recording)
     supervise.end_leftovers(config.kill_grace)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -728,22 +753,18 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
         os._exit(code)
 
 
-def _record_command(ledger: Ledger, lease: Lease, pid: int, started: float) -> Lease:
-    """Add the command's pid and start time to the lease; the job lock covers a failure."""
-    start = liveness.process_start(pid)
-    holders = lease.holders if start is None else (*lease.holders, Holder(pid, start, "command"))
-    updated = lease._replace(holders=holders, started=started)
+def _record_command(ledger: Ledger, lease: Lease) -> None:
+    """Write the lease with its command's pid and start time; the job lock covers a failure."""
     try:
         with ledger.transaction() as state:
             if state.find(lease.id) is not None:
-                state.replace(updated)
+                state.replace(lease)
     except LedgerError as exc:
         log.warning(
             "could not record the command's pid in the ledger (%s); the job lock "
             "still keeps the lease",
             exc,
         )
-    return updated
 
 
 def _release(

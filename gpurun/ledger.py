@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 import time
 from collections import namedtuple
 
@@ -1108,29 +1107,35 @@ def _lock_holder(fd: int) -> str:
 class Watcher:
     """Wakes a waiting gpurun when something it waits for happens (inotify(7)).
 
-    It watches the state dir and `jobs/` for renames (a ledger replaced) and attribute
-    changes (Ledger.ring touches a job lock or the ledger lock). With `wanted` names, only
-    events on those files end a wait: a waiting gpurun wants its own job lock (its lease was
-    placed) and the ledger lock (a lease left with no one placing what it let start), so the
-    many writes that matter only to others (each job's start, its pid) do not wake every
-    waiting gpurun and make it take the lock. Without inotify it simply sleeps; the poll
-    interval bounds the wait either way, which also catches leases whose processes died
-    without anyone rewriting the ledger.
+    Without `files`, it watches the state dir and `jobs/` for renames (a ledger replaced) and
+    attribute changes (Ledger.ring touching a job lock or the ledger lock). With `files`, it
+    watches only those files' attribute changes: a waiting gpurun wants its own job lock (its
+    lease was placed) and the ledger lock (a lease left with no one placing what it let
+    start). Watching the files, not their folders, keeps the writes that matter only to
+    others from waking it at all: every ledger write renames one file in the state dir and
+    sets a temporary file's mode there, and in a crowd of 100 launches each waiting gpurun
+    was woken by each of those writes, only to find nothing for it. Without inotify it simply
+    sleeps; the poll interval bounds the wait either way, which also catches leases whose
+    processes died without anyone rewriting the ledger.
     """
 
     IN_ATTRIB = 0x4
     IN_MOVED_TO = 0x80
 
-    def __init__(self, folder: str, wanted: tuple[str, ...] | None = None) -> None:
-        self.fd = -1
-        self.wanted = None if wanted is None else {os.fsencode(name) for name in wanted}
+    def __init__(self, folder: str, files: tuple[str, ...] = ()) -> None:
         from gpurun import libc
 
+        self.fd = -1
+        if files:
+            targets, mask = files, self.IN_ATTRIB
+        else:
+            targets, mask = (
+                (folder, os.path.join(folder, "jobs")),
+                self.IN_MOVED_TO | self.IN_ATTRIB,
+            )
         try:
             fd = libc.call("inotify_init1", os.O_NONBLOCK | os.O_CLOEXEC)
-            mask = self.IN_MOVED_TO | self.IN_ATTRIB
-            folders = (folder, os.path.join(folder, "jobs"))
-            watched = (libc.call("inotify_add_watch", fd, os.fsencode(f), mask) for f in folders)
+            watched = (libc.call("inotify_add_watch", fd, os.fsencode(t), mask) for t in targets)
             if fd >= 0 and all(wd >= 0 for wd in watched):
                 self.fd = fd
             elif fd >= 0:
@@ -1139,39 +1144,20 @@ class Watcher:
             self.fd = -1
 
     def wait(self, seconds: float) -> None:
-        """Return when a wanted event came, or after `seconds`."""
+        """Return when a watched event came, or after `seconds`."""
         if self.fd < 0:
             time.sleep(seconds)
             return
         import select
 
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if not ready:
-                return
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, seconds))
+        if ready:
             try:
-                events = os.read(self.fd, 65536)
+                os.read(self.fd, 65536)
             except BlockingIOError:
-                continue
-            if self.wanted is None or self.wanted & set(_event_names(events)):
-                return
+                pass
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _event_names(events: bytes) -> list[bytes]:
-    """The file names in a buffer of struct inotify_event (wd, mask, cookie, len, name)."""
-    names = []
-    at = 0
-    while at + 16 <= len(events):
-        size = int.from_bytes(events[at + 12 : at + 16], sys.byteorder)
-        names.append(events[at + 16 : at + 16 + size].rstrip(b"\0"))
-        at += 16 + size
-    return names

@@ -133,9 +133,48 @@ def lease_alive(lease: object, lock_path: str, now: float) -> bool:
         return False
     # The job lock first: a live job holds it, and probing it costs half of reading a
     # holder's /proc/PID/stat, which `ps` and every launch would do for each lease.
-    if job_lock_held(lock_path):
+    held, written = _probe_job_lock(lock_path)
+    if held:
         return True
-    return any(holder_alive(h.pid, h.start) for h in lease.holders)
+    holders = [(h.pid, h.start) for h in lease.holders] + written
+    return any(holder_alive(pid, start) for pid, start in holders)
+
+
+def _probe_job_lock(path: str) -> tuple[bool, list[tuple[int, int]]]:
+    """Whether the job lock at `path` is held (as job_lock_held), and when it is not, the
+    holders written in it (see write_command_holder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False, []
+    except OSError:
+        return True, []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        text = os.read(fd, 4096)
+    except OSError:
+        return True, []  # held (BlockingIOError), or unsure
+    finally:
+        os.close(fd)
+    written = []
+    for line in text.splitlines():
+        pid, _, start = line.partition(b" ")
+        if pid.isdigit() and start.isdigit() and 0 < int(pid) < 2**31:
+            written.append((int(pid), int(start)))
+    return False, written
+
+
+def write_command_holder(lock_fd: int, pid: int, start: int) -> None:
+    """Write the command's pid and start time into its job lock, at once and with no lock.
+
+    The ledger learns them a moment later (launch.run_reserved), or not at all for a command
+    that ends first; until then a gpurun killed with SIGKILL whose command closed the job
+    lock's descriptor would leave nothing of the job in sight. Read back by lease_alive.
+    """
+    try:
+        os.pwrite(lock_fd, f"{pid} {start}\n".encode(), 0)
+    except OSError:
+        pass  # the ledger's record, a moment later, covers it
 
 
 def ancestry() -> dict[int, int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from gpurun import liveness, signals
 from gpurun.log import get_logger
@@ -60,23 +61,36 @@ def spawn(executable: str, command: list[str], env: dict[str, str], cpus: tuple[
 
 
 def wait_for_command(
-    pid: int, deadline: float | None, grace: float, on_overrun: object = None
+    pid: int,
+    deadline: float | None,
+    grace: float,
+    on_overrun: Callable[[], None] | None = None,
+    on_running: tuple[float, Callable[[], None]] | None = None,
 ) -> int:
     """Pass signals on until the command exits; return its wait status.
 
     With a `deadline` (time.monotonic()), the job gets SIGTERM then, and SIGKILL `grace`
-    seconds later; `on_overrun()` is called once when the deadline passes.
+    seconds later; `on_overrun()` is called once when the deadline passes. With `on_running`
+    (a time.monotonic() and a function), the function is called once at that time if the
+    command still runs.
     """
     waitset = set(BLOCKED)
     kill_at = None
+    running_at, running = on_running if on_running is not None else (None, None)
     while True:
-        if deadline is None:
+        wake = deadline
+        if running_at is not None:
+            wake = running_at if deadline is None else min(running_at, deadline)
+        if wake is None:
             info = signals.sigwaitinfo(waitset)
         else:
-            info = signals.sigtimedwait(waitset, max(0.0, deadline - time.monotonic()))
-        if info is None:
+            info = signals.sigtimedwait(waitset, max(0.0, wake - time.monotonic()))
+        if info is None and running_at is not None and time.monotonic() >= running_at:
+            running_at = None
+            running()
+        elif info is None and deadline is not None and time.monotonic() >= deadline:
             if kill_at is None:
-                if callable(on_overrun):
+                if on_overrun is not None:
                     on_overrun()
                 signal_tree(signals.SIGTERM)
                 kill_at = time.monotonic() + grace
@@ -84,12 +98,11 @@ def wait_for_command(
             else:
                 signal_tree(signals.SIGKILL)
                 deadline = None
-            continue
-        if info.si_signo == signals.SIGCHLD:
+        elif info is not None and info.si_signo == signals.SIGCHLD:
             status = reap_children(pid)
             if status is not None:
                 return status
-        elif info.si_code != SI_KERNEL:
+        elif info is not None and info.si_code != SI_KERNEL:
             try:
                 os.kill(pid, info.si_signo)
             except ProcessLookupError:

@@ -72,13 +72,20 @@ def test_sigkill_at_each_step_of_a_launch_leaves_the_old_or_the_new_ledger(gpuru
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_sigkill_at_each_step_of_a_release_loses_no_gpu_and_no_history(gpurun, point):
-    # The third change of a launch frees the lease: its gpurun dies there, after the command
+@pytest.mark.parametrize("runs", ["briefly", "long"])
+def test_sigkill_at_each_step_of_a_release_loses_no_gpu_and_no_history(gpurun, point, runs):
+    # The last change of a launch frees the lease: its gpurun dies there, after the command
     # ended. The lease stays until gc proves the job gone; then every GPU is free again and
-    # the job is in history exactly once.
-    env = dict(gpurun.env, GPURUN_CRASH_AT=f"{point}:3")
+    # the job is in history exactly once. It is the second change for a command that ends at
+    # once, and the third for one that runs long enough for the ledger to record its pid.
+    if runs == "briefly":
+        command = ["sh", "-c", f"touch {gpurun.tmp / 'a.end'}; exit 3"]
+        env = dict(gpurun.env, GPURUN_CRASH_AT=f"{point}:2")
+    else:
+        command = gpurun.probe("a", "--exit", "3", "--sleep", "0.5")
+        env = dict(gpurun.env, GPURUN_CRASH_AT=f"{point}:3")
 
-    crashed = gpurun.run("-g", "2", "-c", "0", "--", *gpurun.probe("a", "--exit", "3"), env=env)
+    crashed = gpurun.run("-g", "2", "-c", "0", "--", *command, env=env)
     gc = gpurun.run("gc", "--json")
 
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
@@ -258,3 +265,32 @@ def test_a_stuck_lock_holder_is_named_after_lock_timeout(gpurun):
         holder.wait()
     with open(lock) as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_command_that_closed_its_job_lock_keeps_its_gpus_when_gpurun_dies_before_recording_it(
+    gpurun,
+):
+    # The command drops every inherited descriptor (the job lock among them), as daemons do;
+    # its gpurun is killed before the ledger learns the command's pid (its 2nd transaction).
+    ready = gpurun.tmp / "ready"
+    closer = (
+        "import os, time; os.closerange(3, 4096); "
+        f"open({str(ready)!r}, 'w').close(); time.sleep(60)"
+    )
+    env = dict(gpurun.env, GPURUN_CRASH_AT="locked:2")
+    crashed = gpurun.start("-g", "4", "--", sys.executable, "-c", closer, env=env)
+    assert crashed.wait(timeout=30) == -signal.SIGKILL
+    wait_for(ready.exists, what="the command to start")
+    [lease] = gpurun.ledger()["leases"]
+    assert [h["role"] for h in lease["holders"]] == ["gpurun"]
+
+    busy = gpurun.run("-g", "1", "--no-wait", "--", "true")
+    gc = gpurun.run("gc", "--json")
+
+    assert busy.returncode == 75, busy.stderr
+    assert json.loads(gc.stdout) == []
+    assert [lease["id"] for lease in gpurun.ledger()["leases"]] == [lease["id"]]
+    [job_lock] = (gpurun.state_dir / "jobs").glob(f"*.{lease['id']}.lock")
+    os.kill(int(job_lock.read_text().split()[0]), signal.SIGKILL)
+    wait_for(lambda: not gpurun.run("gc", "--json").stdout.strip("[]\n "), what="the reap")
+    assert gpurun.ledger()["leases"] == []

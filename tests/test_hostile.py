@@ -280,12 +280,16 @@ def test_kill_reaches_what_a_job_left_running_after_its_gpurun_was_killed(gpurun
     )
     wait_for(lambda: leftover.exists() and leftover.read_text().strip(), what="the leftover")
     pid = int(leftover.read_text())
-    gpurun_pid = job.pid
-    os.kill(gpurun_pid, signal.SIGKILL)
-    job.wait(timeout=10)
-    command = next(
-        h["pid"] for h in gpurun.ledger()["leases"][0]["holders"] if h["role"] == "command"
+    holders = wait_for(
+        lambda: (
+            len(gpurun.ledger()["leases"][0]["holders"]) == 2
+            and gpurun.ledger()["leases"][0]["holders"]
+        ),
+        what="the ledger to record the command",
     )
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait(timeout=10)
+    command = next(h["pid"] for h in holders if h["role"] == "command")
     wait_for(lambda: not os.path.exists(f"/proc/{command}") or _zombie(command), what="sh to end")
 
     killed = gpurun.run("kill", "leaky")
