@@ -23,14 +23,14 @@ a limit (or expiry); otherwise nothing backfills.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from gpurun.gpuids import is_mig
 from gpurun.ledger import Lease
 from gpurun.placement import place
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gpurun.topology import Topology
 
 READY = "ready"

@@ -13,10 +13,10 @@ names) run every time.
 from __future__ import annotations
 
 import os
-from collections import namedtuple
 
 from gpurun.cpulist import MAX_CPUS, online_cpus, parse_cpulist
 from gpurun.errors import ConfigError
+from gpurun.record import record
 
 # Only for annotations: importing `typing` costs the launch path a few milliseconds.
 TYPE_CHECKING = False
@@ -57,7 +57,7 @@ DEFAULT_EXTERNAL_MB = 1024
 MAX_GPUS = 1024
 BACKENDS = ("local", "slurm")
 
-_ConfigBase = namedtuple(
+_ConfigBase = record(
     "_ConfigBase",
     "path state_dir server server_named gpus cpus cpus_per_gpu lock_timeout kill_grace on_finish"
     " servers entry chosen_by limits stale_after devices discovery topology visible_devices"

@@ -12,11 +12,11 @@ import os
 import re
 import stat
 import time
-from collections import namedtuple
 
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import LedgerError
 from gpurun.ledger import Ledger
+from gpurun.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ MOUNTINFO = "/proc/self/mountinfo"
 # hold a ledger's lock and hand out the same GPUs (nfs(5), "local_lock" and "lock / nolock").
 LOCAL_LOCK_OPTIONS = ("nolock", "local_lock=all", "local_lock=flock")
 
-_MountBase = namedtuple("_MountBase", "mount_point fstype source options")
+_MountBase = record("_MountBase", "mount_point fstype source options")
 
 
 class Mount(_MountBase):

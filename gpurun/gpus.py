@@ -15,10 +15,10 @@ NVML is not tried.
 from __future__ import annotations
 
 import os
-from collections import namedtuple
 
 from gpurun.gpuids import mig_id
 from gpurun.log import get_logger
+from gpurun.record import record
 
 log = get_logger(__name__)
 
@@ -36,9 +36,9 @@ SECONDARY_TIMEOUT = 3.0
 LINK_DISTANCE = {"PIX": 10, "PXB": 11, "PHB": 12, "NODE": 13, "SYS": 14}
 FARTHEST = 15
 
-_GpuBase = namedtuple("_GpuBase", "id index uuid bus_id name memory_mb used_mb parent")
-_ProcessBase = namedtuple("_ProcessBase", "gpu pid used_mb name")
-_DiscoveryBase = namedtuple(
+_GpuBase = record("_GpuBase", "id index uuid bus_id name memory_mb used_mb parent")
+_ProcessBase = record("_ProcessBase", "gpu pid used_mb name")
+_DiscoveryBase = record(
     "_DiscoveryBase", "source gpus processes links problem apps_problem", defaults=("",)
 )
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import namedtuple
 
 from gpurun.cpulist import MAX_CPUS, parse_cpulist
+from gpurun.record import record
 
 SERVER_KEYS = ("name", "address", "gpus", "cpus", "labels", "limits")
 GROUP_KEYS = ("count", "start", *SERVER_KEYS)
 LIMIT_KEYS = ("min_gpus", "max_gpus", "max_cpus")
 
-_ServerBase = namedtuple("_ServerBase", "name address gpus cpus labels limits")
-_LimitsBase = namedtuple("_LimitsBase", "min_gpus max_gpus max_cpus")
+_ServerBase = record("_ServerBase", "name address gpus cpus labels limits")
+_LimitsBase = record("_LimitsBase", "min_gpus max_gpus max_cpus")
 
 
 class Server(_ServerBase):

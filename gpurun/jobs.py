@@ -5,7 +5,6 @@ Each returns plain data (lists and dicts ready for JSON); `render` turns it into
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -527,8 +526,10 @@ def reset_ledger(
             # Waiting gpuruns whose entries the reset forgot learn it now, not at their poll.
             ledger.ring()
         except BaseException:
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(tmp)
+            except OSError:
+                pass
             raise
     finally:
         os.close(fd)

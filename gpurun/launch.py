@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import namedtuple
 
 from gpurun import liveness, signals, supervise
 from gpurun.admission import BLOCKED, FAILED, READY, admit, queue_order
@@ -29,6 +28,7 @@ from gpurun.external import busy_outside
 from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, finished_record
 from gpurun.log import get_logger
 from gpurun.placement import Request, check_limits, check_possible, plural
+from gpurun.record import record
 
 log = get_logger(__name__)
 
@@ -44,7 +44,7 @@ POLL_MAX = 10.0
 # A waiting gpurun asks again which GPUs are busy outside gpurun at most this often.
 OUTSIDE_MAX_AGE = 5.0
 
-_SpecBase = namedtuple(
+_SpecBase = record(
     "_SpecBase", "request command name priority time_limit after after_any reservation"
 )
 

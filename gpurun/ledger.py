@@ -22,12 +22,12 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections import namedtuple
 
 from gpurun import codec, signals
 from gpurun.errors import LedgerError
 from gpurun.log import get_logger
 from gpurun.placement import Request
+from gpurun.record import record
 
 log = get_logger(__name__)
 
@@ -45,8 +45,8 @@ CRASH_POINTS = ("locked", "temp-partial", "temp-written", "before-rename", "afte
 _CRASH_AT = os.environ.get("GPURUN_CRASH_AT")
 _crash_count = [0]
 
-_HolderBase = namedtuple("_HolderBase", "pid start role")
-_LeaseBase = namedtuple(
+_HolderBase = record("_HolderBase", "pid start role")
+_LeaseBase = record(
     "_LeaseBase",
     "id kind state name user uid host gpus cpus command created started holders boot expires "
     "request priority time_limit after after_any log placed reservation gpu_mask",

@@ -5,14 +5,13 @@ Pure functions over ids, so the rules are tested without processes or files.
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import CapacityError
 from gpurun.gpuids import MIG_BASE
+from gpurun.record import record
 from gpurun.topology import NO_TOPOLOGY, Topology
 
-_RequestBase = namedtuple("_RequestBase", "gpus cpus gpu_ids")
+_RequestBase = record("_RequestBase", "gpus cpus gpu_ids")
 
 
 class Request(_RequestBase):

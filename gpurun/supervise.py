@@ -19,10 +19,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 
 from gpurun import liveness, signals
 from gpurun.log import get_logger
+
+# Only for annotations: importing collections costs a launch 1.4 ms (see record.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = get_logger(__name__)
 

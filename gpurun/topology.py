@@ -11,13 +11,13 @@ Documentation/ABI: `bus/pci/devices/BUS/numa_node`, `devices/system/node/nodeN/c
 from __future__ import annotations
 
 import os
-from collections import namedtuple
 
 from gpurun.cpulist import parse_cpulist
+from gpurun.record import record
 
 DEFAULT_SYSFS = "/sys"
 
-_TopologyBase = namedtuple("_TopologyBase", "gpu_node gpu_links cpu_node cpu_core node_distance")
+_TopologyBase = record("_TopologyBase", "gpu_node gpu_links cpu_node cpu_core node_distance")
 
 
 class Topology(_TopologyBase):

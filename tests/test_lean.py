@@ -1,8 +1,9 @@
-"""The launch path's own JSON, signal and C-library code does what the standard modules it
-replaces would do, and the path imports none of those modules."""
+"""The launch path's own JSON, signal, record and C-library code does what the standard
+modules it replaces would do, and the path imports none of those modules."""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import signal
@@ -15,10 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpurun import codec, signals
+from gpurun.record import record
 from gpurun.jobs import parse_signal
 
 # Heavy modules a plain launch must not import (bench/ measures what each costs).
-HEAVY = {"json", "re", "enum", "signal", "ctypes", "argparse", "yaml", "logging", "subprocess"}
+HEAVY = {
+    "json", "re", "enum", "signal", "ctypes", "collections", "argparse", "yaml", "logging",
+    "subprocess",
+}  # fmt: skip
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -109,3 +114,26 @@ def test_a_job_ended_by_a_signal_with_no_name_is_reported(gpurun):
     assert result.returncode == 128 + number
     assert f"was ended by signal {number}" in result.stderr
     assert "internal error" not in result.stderr
+
+
+def test_a_record_behaves_as_the_namedtuple_it_replaces():
+    ours = record("Point", "x y label", defaults=("none",))
+    theirs = collections.namedtuple("Point", "x y label", defaults=("none",))
+
+    for args, kwargs in [((1, 2), {}), ((1,), {"y": 2, "label": "a"}), ((), {"y": 2, "x": 1})]:
+        a, b = ours(*args, **kwargs), theirs(*args, **kwargs)
+        assert tuple(a) == tuple(b) and a == b and hash(a) == hash(b)
+        assert repr(a) == repr(b)
+        assert a._asdict() == b._asdict()
+        assert a._replace(y=5) == b._replace(y=5) and type(a._replace(y=5)) is ours
+        assert (a.x, a.y, a.label) == (b.x, b.y, b.label)
+    assert ours._fields == theirs._fields
+    for args, kwargs in [((), {}), ((1, 2, 3, 4), {}), ((1,), {"x": 1}), ((1, 2), {"z": 3})]:
+        with pytest.raises(TypeError):
+            theirs(*args, **kwargs)
+        with pytest.raises(TypeError):
+            ours(*args, **kwargs)
+    with pytest.raises(TypeError):
+        ours(1, 2)._replace(z=1)
+    with pytest.raises(AttributeError):
+        ours(1, 2).x = 3
