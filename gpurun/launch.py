@@ -258,6 +258,8 @@ def reserve(
                 # look is a read without the lock, as after each wait: in a crowd, a second
                 # transaction per waiting gpurun queued them all for the lock once more.
                 watched = (ledger.job_lock_path(entry.id), ledger.lock_path)
+                # Closed only if the job does not start: closing it waits (see Watcher.close),
+                # and the command does not inherit it (close-on-exec).
                 watcher = Watcher(ledger.state_dir, watched)
                 placed, snapshot = _placed_meanwhile(ledger, entry.id)
                 if placed is not None:
@@ -287,12 +289,12 @@ def reserve(
         if entry is not None:
             _withdraw(ledger, entry, lock_fd, exc, written)
         signals.pthread_sigmask(signals.SIG_UNBLOCK, supervise.BLOCKED)
+        if watcher is not None:
+            watcher.close()
         raise
     finally:
         for sig, handler in previous.items():
             signals.signal(sig, handler)
-        if watcher is not None:
-            watcher.close()
 
 
 def run_reserved(

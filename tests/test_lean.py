@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpurun import codec, signals
-from gpurun.record import record
 from gpurun.jobs import parse_signal
+from gpurun.record import record
 
 # Heavy modules a plain launch must not import (bench/ measures what each costs).
 HEAVY = {
