@@ -25,22 +25,30 @@ log = get_logger(__name__)
 ESCALATE = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
+# The "+HH:MM" of each UTC offset iso_time has met, since `ps` writes one time per lease.
+_zones: dict[int, str] = {}
+
+
 def iso_time(when: float | None) -> str | None:
     """Local time in ISO 8601 with its UTC offset, to the second, as datetime's isoformat
     writes it; built from time.localtime, which costs `ps` on 1,000 leases a tenth of what
     importing and calling datetime does."""
     if when is None:
         return None
-    # datetime rounds to the microsecond first, then drops the fraction.
-    t = time.localtime(round(when, 6))
-    offset = t.tm_gmtoff
-    sign = "-" if offset < 0 else "+"
-    minutes, seconds = divmod(abs(offset), 60)
-    zone = f"{sign}{minutes // 60:02d}:{minutes % 60:02d}" + (f":{seconds:02d}" if seconds else "")
-    return (
-        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}{zone}"
-    )
+    # datetime rounds to the microsecond first, then drops the fraction; rounding can only
+    # change the second of a time less than a microsecond before the next one.
+    t = time.localtime(when if when % 1.0 < 0.999999 else round(when, 6))
+    zone = _zones.get(t.tm_gmtoff)
+    if zone is None:
+        offset = t.tm_gmtoff
+        sign = "-" if offset < 0 else "+"
+        minutes, seconds = divmod(abs(offset), 60)
+        zone = f"{sign}{minutes // 60:02d}:{minutes % 60:02d}" + (
+            f":{seconds:02d}" if seconds else ""
+        )
+        _zones[offset] = zone
+    # %-formatting takes half the time of an f-string with six format specs here.
+    return "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6] + zone  # noqa: UP031
 
 
 def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
