@@ -116,9 +116,9 @@ def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, 
         finished = [history_view(r) for r in ledger.read_history()]
         rows.extend(sorted(finished, key=lambda view: view["id"] or 0))
     positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
+    live = ledger.live_ids(state.leases, now)
     for lease in state.leases:
-        alive = ledger.alive(lease, now)
-        view = lease_view(lease, alive, now)
+        view = lease_view(lease, lease.id in live, now)
         if lease.id in positions:
             view["position"] = positions[lease.id]
         rows.append(view)
@@ -186,8 +186,9 @@ def _server_view(config: Config, name: str, now: float) -> dict[str, object]:
     gpu_set, cpu_set = set(inventory_gpus), set(inventory_cpus)
 
     views = []
+    live = ledger.live_ids(state.leases, now)
     for lease in state.leases:
-        view = lease_view(lease, ledger.alive(lease, now), now)
+        view = lease_view(lease, lease.id in live, now)
         view["orphaned"] = bool(set(lease.gpus) - gpu_set or set(lease.cpus) - cpu_set)
         view["reservation"] = lease.reservation
         views.append(view)

@@ -20,7 +20,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     """
     # A newline or other control character in a cell (a command's argument) would break the
     # rows for grep and awk; it is shown escaped, as Python writes it.
-    rows = [[cell if cell.isprintable() else _printable(cell) for cell in row] for row in rows]
+    rows = [row if "".join(row).isprintable() else [_printable(c) for c in row] for row in rows]
     widths = [max(map(len, column)) for column in zip(headers, *rows, strict=True)]
     # One template pads every cell but the last: `ps` writes a row per lease.
     template = "  ".join([*(f"{{:{width}}}" for width in widths[:-1]), "{}"])
