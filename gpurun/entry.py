@@ -5,6 +5,17 @@ from __future__ import annotations
 import os
 import sys
 
+# The commands that only read the ledger and print. They build several objects per lease,
+# none of them in a cycle, and end right after printing: on 1,000 leases, the cyclic garbage
+# collector's passes over them cost them 3 ms, and free nothing.
+VIEWS = ("ps", "status")
+
+
+def _stop_collector() -> None:
+    import gc
+
+    gc.disable()
+
 
 def main() -> None:
     # A closed stdin, stdout or stderr would be reused by the next file gpurun opens (the
@@ -23,7 +34,10 @@ def main() -> None:
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     try:
         from gpurun.cli import main as run
+        from gpurun.cli import split_command
 
+        if split_command(sys.argv[1:])[0] in VIEWS:
+            _stop_collector()
         code = run()
     except KeyboardInterrupt:
         try:

@@ -23,22 +23,30 @@ log = get_logger(__name__)
 ESCALATE = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGQUIT)
 
 
+# The "+HH:MM" of each UTC offset iso_time has met, since `ps` writes one time per lease.
+_zones: dict[int, str] = {}
+
+
 def iso_time(when: float | None) -> str | None:
     """Local time in ISO 8601 with its UTC offset, to the second, as datetime's isoformat
     writes it; built from time.localtime, which costs `ps` on 1,000 leases a tenth of what
     importing and calling datetime does."""
     if when is None:
         return None
-    # datetime rounds to the microsecond first, then drops the fraction.
-    t = time.localtime(round(when, 6))
-    offset = t.tm_gmtoff
-    sign = "-" if offset < 0 else "+"
-    minutes, seconds = divmod(abs(offset), 60)
-    zone = f"{sign}{minutes // 60:02d}:{minutes % 60:02d}" + (f":{seconds:02d}" if seconds else "")
-    return (
-        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}{zone}"
-    )
+    # datetime rounds to the microsecond first, then drops the fraction; rounding can only
+    # change the second of a time less than a microsecond before the next one.
+    t = time.localtime(when if when % 1.0 < 0.999999 else round(when, 6))
+    zone = _zones.get(t.tm_gmtoff)
+    if zone is None:
+        offset = t.tm_gmtoff
+        sign = "-" if offset < 0 else "+"
+        minutes, seconds = divmod(abs(offset), 60)
+        zone = f"{sign}{minutes // 60:02d}:{minutes % 60:02d}" + (
+            f":{seconds:02d}" if seconds else ""
+        )
+        _zones[offset] = zone
+    # %-formatting takes half the time of an f-string with six format specs here.
+    return "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6] + zone  # noqa: UP031
 
 
 def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
@@ -106,9 +114,9 @@ def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, 
         finished = [history_view(r) for r in ledger.read_history()]
         rows.extend(sorted(finished, key=lambda view: view["id"] or 0))
     positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
+    live = ledger.live_ids(state.leases, now)
     for lease in state.leases:
-        alive = ledger.alive(lease, now)
-        view = lease_view(lease, alive, now)
+        view = lease_view(lease, lease.id in live, now)
         if lease.id in positions:
             view["position"] = positions[lease.id]
         rows.append(view)
@@ -176,8 +184,9 @@ def _server_view(config: Config, name: str, now: float) -> dict[str, object]:
     gpu_set, cpu_set = set(inventory_gpus), set(inventory_cpus)
 
     views = []
+    live = ledger.live_ids(state.leases, now)
     for lease in state.leases:
-        view = lease_view(lease, ledger.alive(lease, now), now)
+        view = lease_view(lease, lease.id in live, now)
         view["orphaned"] = bool(set(lease.gpus) - gpu_set or set(lease.cpus) - cpu_set)
         view["reservation"] = lease.reservation
         views.append(view)

@@ -15,18 +15,17 @@ def to_json(data: object) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned columns, two spaces apart; the last column is cut to a terminal's width."""
+    """Left-aligned columns, two spaces apart; the last column is cut to a terminal's width.
+
+    Every row has a cell per header.
+    """
     # A newline or other control character in a cell (a command's argument) would break the
     # rows for grep and awk; it is shown escaped, as Python writes it.
-    rows = [[_printable(cell) for cell in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    lines = []
-    for row in [headers, *rows]:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    rows = [row if "".join(row).isprintable() else [_printable(c) for c in row] for row in rows]
+    widths = [max(map(len, column)) for column in zip(headers, *rows, strict=True)]
+    # One template pads every cell but the last: `ps` writes a row per lease.
+    template = "  ".join([*(f"{{:{width}}}" for width in widths[:-1]), "{}"])
+    lines = [template.format(*row).rstrip() for row in [headers, *rows]]
     if sys.stdout.isatty():
         width = os.get_terminal_size().columns
         lines = [line if len(line) <= width else line[: width - 1] + "…" for line in lines]

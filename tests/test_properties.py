@@ -170,6 +170,94 @@ def test_any_ledger_content_gives_a_clear_answer_and_a_failure_changes_nothing(
             json.loads(ledger.read_bytes())
 
 
+def written_record() -> dict:
+    """A lease record as gpurun writes it: every schema 3 field, with the types JSON gives."""
+    from gpurun.ledger import Lease
+
+    record = lease_record(
+        7,
+        gpus=[1, 2],
+        cpus=[4],
+        command=["python", "train.py"],
+        created=1700000000.5,
+        started=1700000001.25,
+        holders=[{"pid": 4242, "start": 99, "role": "gpurun"}],
+        request={"gpus": 2, "cpus": 1, "gpu_ids": [1, 2]},
+        priority=-3,
+        time_limit=3600.0,
+        after=[5],
+        after_any=True,
+        log="/tmp/x.log",
+        placed=1700000000.75,
+        reservation=3,
+        gpu_mask=[1, 2, 3],
+    )
+    return json.loads(json.dumps(Lease.from_json(record).to_json()))
+
+
+# Values at and beyond the edges of what the ledger's checks accept, and of other types.
+EDGES = st.sampled_from(
+    [
+        *(0, 1, -1, 2**31 - 1, 2**31, -(2**31), 2**63 - 1, 2**63),
+        *(0.0, -0.0, 1.0, 99999999999.0, 1e11, float("nan"), float("inf")),
+        *(True, False, None, "", "job", "running", "()", [0], [-1], [True], [1.0]),
+    ]
+) | st.sampled_from([[], {}]).map(type)
+NESTED = ("request.gpus", "request.cpus", "request.gpu_ids", "holders.pid", "holders.start")
+
+
+def outcome(build, record: dict) -> str:
+    """What building a lease from `record` gives, as text that tells 1 from 1.0 and True."""
+    try:
+        return repr(build(record))
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@FAST
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([*sorted(written_record()), *NESTED, "holders.role"]),
+            st.one_of(EDGES, JSON, st.just("(missing)")),
+        ),
+        max_size=3,
+    )
+)
+def test_the_quick_reading_of_a_lease_accepts_and_builds_what_the_checks_do(changes):
+    from gpurun.ledger import Lease, _checked_lease, _written_lease
+
+    record = written_record()
+    for field, value in changes:
+        where, _, key = field.rpartition(".")
+        target = record.get(where) if where else record
+        if where == "holders":
+            target = target[0] if isinstance(target, list) and target else None
+        if not isinstance(target, dict):
+            continue
+        if isinstance(value, type):
+            value = value()
+        if value == "(missing)":
+            target.pop(key, None)
+        else:
+            target[key] = value
+
+    checked = outcome(_checked_lease, record)
+    quick = _written_lease(record)
+
+    assert quick is None or repr(quick) == checked, (changes, quick, checked)
+    assert outcome(Lease.from_json, record) == checked, changes
+
+
+def test_a_lease_as_gpurun_writes_it_takes_the_quick_reading():
+    from gpurun.ledger import _checked_lease, _written_lease
+
+    record = written_record()
+
+    assert _written_lease(record) is not None
+    assert repr(_written_lease(record)) == repr(_checked_lease(record))
+
+
 TOKENS = st.one_of(
     st.sampled_from(
         [
