@@ -618,7 +618,7 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         dropped = jobs.collect_garbage(config, dry_run=args.dry_run)
         print(render.to_json(dropped) if args.json else render.gc_text(dropped, args.dry_run))
     elif command == "status":
-        status = jobs.server_status(config, args.server)
+        status = jobs.server_status(config, args.server, full=args.json or args.detail)
         if args.json:
             print(render.to_json(status))
         else:

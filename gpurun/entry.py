@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -9,12 +10,6 @@ import sys
 # none of them in a cycle, and end right after printing: on 1,000 leases, the cyclic garbage
 # collector's passes over them cost them 3 ms, and free nothing.
 VIEWS = ("ps", "status")
-
-
-def _stop_collector() -> None:
-    import gc
-
-    gc.disable()
 
 
 def main() -> None:
@@ -37,7 +32,7 @@ def main() -> None:
         from gpurun.cli import split_command
 
         if split_command(sys.argv[1:])[0] in VIEWS:
-            _stop_collector()
+            gc.disable()
         code = run()
     except KeyboardInterrupt:
         try:
