@@ -607,7 +607,7 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
     from gpurun import jobs, render
 
     if command == "ps":
-        rows = jobs.list_jobs(config, include_finished=args.all)
+        rows = jobs.list_jobs(config, include_finished=args.all, brief=not args.json)
         if backend == "slurm":
             from gpurun import slurm
 

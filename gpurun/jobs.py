@@ -49,21 +49,38 @@ def iso_time(when: float | None) -> str | None:
     return "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6] + zone  # noqa: UP031
 
 
-def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
-    """A live or dead lease as `ps --json` shows it."""
+def lease_view(lease: Lease, alive: bool, now: float, brief: bool = False) -> dict[str, object]:
+    """A live or dead lease as `ps --json` shows it; `brief`, only what the `ps` table
+    shows, as tuples (on 1,000 leases the rest was a tenth of what `ps` took)."""
     pids = {h.role: h.pid for h in lease.holders}
+    pid = pids.get("command", pids.get("gpurun"))
+    state = lease.state if alive else ("expired" if lease.kind == "reservation" else "dead")
+    elapsed = round(now - (lease.started or lease.created), 3)
+    if brief:
+        return {
+            "id": lease.id,
+            "name": lease.name,
+            "user": lease.user,
+            "pid": pid,
+            "gpus": lease.gpus,
+            "cpus": lease.cpus,
+            "state": state,
+            "kind": lease.kind,
+            "elapsed": elapsed,
+            "command": lease.command,
+        }
     return {
         "id": lease.id,
         "name": lease.name,
         "user": lease.user,
         "host": lease.host,
-        "pid": pids.get("command", pids.get("gpurun")),
+        "pid": pid,
         "gpus": list(lease.gpus),
         "cpus": list(lease.cpus),
-        "state": lease.state if alive else ("expired" if lease.kind == "reservation" else "dead"),
+        "state": state,
         "kind": lease.kind,
         "started": iso_time(lease.started or lease.created),
-        "elapsed": round(now - (lease.started or lease.created), 3),
+        "elapsed": elapsed,
         "command": list(lease.command),
         "request": {"gpus": lease.request.gpus, "cpus": lease.request.cpus},
         "priority": lease.priority,
@@ -104,8 +121,11 @@ def history_view(record: dict[str, object]) -> dict[str, object]:
     return view
 
 
-def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, object]]:
-    """Live jobs, oldest first; with include_finished, the finished ones before them."""
+def list_jobs(
+    config: Config, include_finished: bool = False, brief: bool = False
+) -> list[dict[str, object]]:
+    """Live jobs, oldest first; with include_finished, the finished ones before them.
+    `brief`: the live ones with only what the `ps` table shows (see lease_view)."""
     ledger = open_ledger(config)
     state = ledger.read()
     now = time.time()
@@ -116,7 +136,7 @@ def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, 
     positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
     live = ledger.live_ids(state.leases, now)
     for lease in state.leases:
-        view = lease_view(lease, lease.id in live, now)
+        view = lease_view(lease, lease.id in live, now, brief)
         if lease.id in positions:
             view["position"] = positions[lease.id]
         rows.append(view)
