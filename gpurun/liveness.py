@@ -136,13 +136,25 @@ def lease_alive(lease: object, lock_path: str, now: float) -> bool:
     held, written = _probe_job_lock(lock_path)
     if held:
         return True
-    holders = [(h.pid, h.start) for h in lease.holders] + written
-    return any(holder_alive(pid, start) for pid, start in holders)
+    if any(holder_alive(h.pid, h.start) for h in lease.holders):
+        return True
+    # Every user may write a job lock (Ledger.ring touches it), so a pid written there counts
+    # only for a process of the lease's user: no one keeps another's lease by writing in it.
+    return any(_users_process(pid, start, lease.uid) for pid, start in written)
+
+
+def _users_process(pid: int, start: int, uid: int) -> bool:
+    """True for a live process `pid` that started at `start` and belongs to `uid`; False
+    also when /proc does not show whose it is."""
+    try:
+        return process_start(pid) == start and os.stat(f"/proc/{pid}").st_uid == uid
+    except OSError:
+        return False
 
 
 def _probe_job_lock(path: str) -> tuple[bool, list[tuple[int, int]]]:
     """Whether the job lock at `path` is held (as job_lock_held), and when it is not, the
-    holders written in it (see write_command_holder)."""
+    (pid, start) pairs written in it (see write_command_holder)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -294,3 +294,33 @@ def test_a_command_that_closed_its_job_lock_keeps_its_gpus_when_gpurun_dies_befo
     os.kill(int(job_lock.read_text().split()[0]), signal.SIGKILL)
     wait_for(lambda: not gpurun.run("gc", "--json").stdout.strip("[]\n "), what="the reap")
     assert gpurun.ledger()["leases"] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts a process as another user")
+def test_a_pid_written_into_a_job_lock_counts_only_for_a_process_of_the_jobs_user(gpurun):
+    # Any user may write a job lock (waking a waiting job touches it), so another user's
+    # process named there must not keep a dead job's GPUs.
+    ready = gpurun.tmp / "ready"
+    closer = (
+        "import os, time; os.closerange(3, 4096); "
+        f"open({str(ready)!r}, 'w').close(); time.sleep(60)"
+    )
+    env = dict(gpurun.env, GPURUN_CRASH_AT="locked:2")
+    assert gpurun.start("-g", "4", "--", sys.executable, "-c", closer, env=env).wait(30) == -9
+    wait_for(ready.exists, what="the command to start")
+    [job_lock] = (gpurun.state_dir / "jobs").glob("*.lock")
+    os.kill(int(job_lock.read_text().split()[0]), signal.SIGKILL)
+    stranger = subprocess.Popen(["setpriv", "--reuid", "65534", "--clear-groups", "sleep", "60"])
+    try:
+        wait_for(lambda: os.stat(f"/proc/{stranger.pid}").st_uid == 65534, what="the setuid")
+        with open(f"/proc/{stranger.pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+        job_lock.write_text(f"{stranger.pid} {start}\n")
+
+        gc = gpurun.run("gc", "--json")
+
+        assert [lease["id"] for lease in json.loads(gc.stdout)] == [1]
+        assert gpurun.ledger()["leases"] == []
+    finally:
+        stranger.kill()
+        stranger.wait()
