@@ -530,9 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            raise UsageError("no command given; 'gpurun --help' lists the commands")
+        if argv[0] in ("-h", "--help"):
             sys.stdout.write(USAGE)
-            return 0 if argv else EXIT_USAGE
+            return 0
         if argv[0] == "--version":
             print(f"gpurun {__version__}")
             return 0

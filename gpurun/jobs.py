@@ -199,12 +199,16 @@ def _server_view(config: Config, name: str, now: float, full: bool) -> dict[str,
     except LedgerError as exc:
         if name == config.server:
             raise
-        state = State([], 1, 0.0)
+        state = None
         problems.append("unreadable")
         log.warning("%s", exc)
-    inventory = server_inventory(config, name, state)
-    if inventory is None:
+    # An unreadable ledger says nothing of what is free there: none of it is counted.
+    inventory = None if state is None else server_inventory(config, name, state)
+    if state is None:
+        state = State([], 1, 0.0)
+    elif inventory is None:
         problems.append("unknown size")
+    if inventory is None:
         inventory = ((), ())
     inventory_gpus, inventory_cpus = inventory
     gpu_set, cpu_set = set(inventory_gpus), set(inventory_cpus)

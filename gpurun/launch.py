@@ -2,7 +2,8 @@
 
 The launch path runs thousands of times in sweeps, so it imports only the standard modules it
 needs. A job that fits at once is placed in the same ledger write that queues it: one
-transaction to place it, one to record the command's pid, one to free it.
+transaction to place it, one to record the command's pid if it still runs after RECORD_AFTER,
+one to free it.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ def test_yaml_syntax_error_names_the_line(gpurun):
         (["-g", "abc", "--", "true"], "expected a whole number >= 0, got 'abc'"),
         (["-c", "1.5", "--", "true"], "-c/--cpus"),
         (["-g", "1"], "no command given"),
+        ([], "no command given; 'gpurun --help' lists the commands"),
         (["--gpu-ids", "0,x", "--", "true"], "--gpu-ids"),
         (["-g", "2", "--gpu-ids", "0", "--", "true"], "disagrees"),
         (["--timeout", "soon", "--", "true"], "--timeout"),

@@ -658,3 +658,21 @@ def test_alloc_auto_that_no_server_can_ever_hold_is_refused_not_busy(gpurun):
     assert never.returncode == 125
     assert "no server can ever hold 9 GPUs" in one_error_line(never.stderr)
     assert later.returncode == 0, later.stderr
+
+
+def test_status_counts_nothing_free_on_a_server_whose_ledger_cannot_be_read(gpurun):
+    configure(gpurun, "[{name: a, gpus: 4, cpus: 6}, {name: b, gpus: 8, cpus: 64}]")
+    a = as_host(gpurun, "a")
+    assert gpurun.run("gc", "--server", "b", env=a).returncode == 0
+    assert gpurun.run("gc", env=a).returncode == 0
+    (gpurun.state_dir / "b.json").write_text("{not json")
+
+    status = gpurun.run("status", "--json", env=a)
+    text = gpurun.run("status", env=a)
+
+    assert status.returncode == 0 and text.returncode == 0, status.stderr
+    by_name = {s["name"]: s for s in json.loads(status.stdout)["servers"]}
+    assert by_name["b"]["state"].startswith("unreadable")
+    assert (by_name["b"]["gpus_free"], by_name["b"]["cpus_free"]) == ([], 0)
+    assert json.loads(status.stdout)["total"]["gpus_free"] == 4
+    assert table_rows(text.stdout)["TOTAL"][0] == "4/4"
