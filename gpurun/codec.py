@@ -38,8 +38,9 @@ class _Settings:
         self.parse_constant = {"-Infinity": -_INFINITY, "Infinity": _INFINITY, "NaN": _NAN}.get
 
 
-def _explain(text: str) -> object:
-    """Raise json's ValueError for malformed `text` (only read when something is wrong)."""
+def _explain(text: str | bytes) -> object:
+    """What json.loads makes of `text`, where this module's fast path gave up: json's
+    ValueError for malformed text, or the value of text in an encoding it does not read."""
     import json
 
     return json.loads(text)
@@ -59,7 +60,14 @@ if _make_scanner is not None:
     def loads(text: str | bytes) -> object:
         """The value of a JSON document; ValueError when it is not exactly one."""
         if isinstance(text, bytes | bytearray):
-            text = text.decode("utf-8")
+            # json.loads reads bytes in UTF-8, -16 or -32, with or without a BOM, and lets
+            # surrogates through; plain UTF-8 is all gpurun writes, anything else goes to json.
+            if text.startswith(b"\xef\xbb\xbf") or 0 in text[:4]:
+                return _explain(text)
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                return _explain(text)
         start = len(text) - len(text.lstrip(_SPACE))
         try:
             value, end = _scan(text, start)

@@ -390,12 +390,15 @@ def find_lease(state: State, ref: str) -> Lease:
 
 def parse_signal(text: str) -> int:
     """A signal from 'TERM', 'SIGTERM' or '15'."""
-    if is_id(text) and int(text) in signals.NAMES:
+    if is_id(text) and 0 < int(text) < signals.NSIG:
         return int(text)
     name = text.upper()
     number = signals.NUMBERS.get(name if name.startswith("SIG") else "SIG" + name)
     if number is None:
-        raise UsageError(f"unknown signal '{text}'; use a name like TERM or a number from 1 to 64")
+        raise UsageError(
+            f"unknown signal '{text}'; use a name like TERM or a number from 1 to "
+            f"{signals.NSIG - 1}"
+        )
     return number
 
 

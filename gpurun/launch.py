@@ -36,12 +36,6 @@ log = get_logger(__name__)
 POLL_SECONDS = 1.0
 # Seconds a command runs before the ledger records its pid (see run_reserved).
 RECORD_AFTER = 0.1
-# A waiting gpurun polls (for leases whose processes died unseen) every POLL_SECONDS while it
-# is among the first POLL_GROUP in the queue, and less often further back, up to POLL_MAX:
-# whoever reaps a dead lease places and wakes the jobs it lets start, so the first few to
-# poll are enough, and in a crowd of 100 the polls of the rest took a fifth of two CPUs.
-POLL_GROUP = 8
-POLL_MAX = 10.0
 # A waiting gpurun asks again which GPUs are busy outside gpurun at most this often.
 OUTSIDE_MAX_AGE = 5.0
 
@@ -270,8 +264,7 @@ def reserve(
                 if _worth_a_transaction(ledger, config, snapshot, entry.id, outside):
                     continue
             while True:
-                poll = min(POLL_MAX, POLL_SECONDS * max(1, position // POLL_GROUP))
-                watcher.wait(poll if left is None else min(left, poll))
+                watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
                 placed, snapshot = _placed_meanwhile(ledger, entry.id)
                 if placed is not None:
                     log.info("job %d was placed while it waited", placed.id)
@@ -283,6 +276,8 @@ def reserve(
                 outside = busy_outside(config, OUTSIDE_MAX_AGE)
                 if _worth_a_transaction(ledger, config, snapshot, entry.id, outside):
                     break
+                if snapshot is not None and snapshot.find(entry.id) is not None:
+                    position, queued = _position(snapshot, entry)  # as the queue moves
                 progress.waiting(entry.id, position, queued, busy)
     except BaseException as exc:
         progress.clear()
@@ -329,7 +324,7 @@ def run_reserved(
     log.info("job %d started: pid %d, %s", lease.id, pid, " ".join(lease.command))
     start = liveness.process_start(pid)
     if start is not None:
-        liveness.write_command_holder(lock_fd, pid, start)
+        liveness.write_command_holder(liveness.pid_path(ledger.job_lock_path(lease.id)), pid, start)
         lease = lease._replace(holders=(*lease.holders, Holder(pid, start, "command")))
     lease = lease._replace(started=started)
 
@@ -346,7 +341,7 @@ def run_reserved(
 
     # The ledger learns the command's pid and start only if it still runs after a moment:
     # a short command is recorded once, as it ends, and a crowd of them takes the ledger
-    # lock a third less often. Its job lock has both meanwhile (write_command_holder).
+    # lock a third less often. Its pid file has both meanwhile (write_command_holder).
     recording = (time.monotonic() + RECORD_AFTER, lambda: _record_command(ledger, lease))
     status = supervise.wait_for_command(pid, deadline, config.kill_grace, overrun, recording)
     supervise.end_leftovers(config.kill_grace)
@@ -426,7 +421,7 @@ def forget_dead(ledger: Ledger, dead: list[Lease], now: float) -> None:
     if not dead:
         return
     for lease in dead:
-        _unlink(ledger.job_lock_path(lease.id))
+        _unlink_job_files(ledger, lease.id)
         _remove_inner(ledger, lease.id)
     ledger.ring()
 
@@ -801,7 +796,7 @@ def _release(
         # Jobs that run after this one learn how it ended from history: wake them.
         ledger.ring()
     os.close(lock_fd)
-    _unlink(ledger.job_lock_path(lease.id))
+    _unlink_job_files(ledger, lease.id)
     _remove_inner(ledger, lease.id)
     return record
 
@@ -832,7 +827,7 @@ def _withdraw(
         )
     if lock_fd >= 0:
         os.close(lock_fd)
-    _unlink(ledger.job_lock_path(entry.id))
+    _unlink_job_files(ledger, entry.id)
 
 
 def _withdrawn(why: BaseException) -> tuple[int, str]:
@@ -922,6 +917,13 @@ def _user_name() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
+
+
+def _unlink_job_files(ledger: Ledger, lease_id: int) -> None:
+    """Remove a job's lock and pid file once its lease is gone."""
+    lock_path = ledger.job_lock_path(lease_id)
+    _unlink(lock_path)
+    _unlink(liveness.pid_path(lock_path))
 
 
 def _unlink(path: str) -> None:

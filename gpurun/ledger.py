@@ -788,7 +788,8 @@ class Ledger:
         being made) is never touched and a pid we cannot see counts as alive; and job locks
         of this server that no process holds and no lease in `state` names. None of them
         ever blocks anyone (each writer has its own name, a free job lock is replaced); this
-        keeps the folder clean. Call it under the ledger lock, with the state it read.
+        keeps the folder clean. Jobs' pid files go with their leases too. Call it under the
+        ledger lock, with the state it read.
         """
         from gpurun.liveness import job_lock_held, process_start
 
@@ -800,11 +801,11 @@ class Ledger:
         except OSError:
             names = []
         for name in names:
-            middle = name[len(prefix) : -len(".lock")]
-            if not (name.startswith(prefix) and name.endswith(".lock") and middle.isdigit()):
+            middle, _, suffix = name[len(prefix) :].partition(".")
+            if not (name.startswith(prefix) and suffix in ("lock", "pid") and middle.isdigit()):
                 continue
             path = os.path.join(self.jobs_dir, name)
-            if int(middle) in listed or job_lock_held(path):
+            if int(middle) in listed or (suffix == "lock" and job_lock_held(path)):
                 continue
             try:
                 os.unlink(path)
@@ -983,7 +984,7 @@ class Ledger:
         for line in data.splitlines():
             try:
                 record = codec.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 log.debug("skipping a torn history line in %s", self.history_path)
                 continue
             if isinstance(record, dict):
@@ -1030,7 +1031,7 @@ class Ledger:
         for line in tail.splitlines():
             try:
                 value = codec.loads(line).get("id")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 continue
             if isinstance(value, int):
                 best = max(best, value)
@@ -1140,7 +1141,7 @@ def _history_line(line: bytes, wanted: set[int]) -> dict[str, object] | None:
         return None
     try:
         record = codec.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 

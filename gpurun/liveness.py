@@ -133,60 +133,59 @@ def lease_alive(lease: object, lock_path: str, now: float) -> bool:
         return False
     # The job lock first: a live job holds it, and probing it costs half of reading a
     # holder's /proc/PID/stat, which `ps` and every launch would do for each lease.
-    held, written = _probe_job_lock(lock_path)
-    if held:
+    if job_lock_held(lock_path):
         return True
     if any(holder_alive(h.pid, h.start) for h in lease.holders):
         return True
-    # Every user may write a job lock (Ledger.ring touches it), so a pid written there counts
-    # only for a process of the lease's user: no one keeps another's lease by writing in it.
-    return any(_users_process(pid, start, lease.uid) for pid, start in written)
+    written = read_command_holder(pid_path(lock_path), lease.uid)
+    return written is not None and holder_alive(*written)
 
 
-def _users_process(pid: int, start: int, uid: int) -> bool:
-    """True for a live process `pid` that started at `start` and belongs to `uid`; False
-    also when /proc does not show whose it is."""
-    try:
-        return process_start(pid) == start and os.stat(f"/proc/{pid}").st_uid == uid
-    except OSError:
-        return False
+def pid_path(lock_path: str) -> str:
+    """The file beside a job lock that holds its command's pid (see write_command_holder)."""
+    return lock_path.removesuffix(".lock") + ".pid"
 
 
-def _probe_job_lock(path: str) -> tuple[bool, list[tuple[int, int]]]:
-    """Whether the job lock at `path` is held (as job_lock_held), and when it is not, the
-    (pid, start) pairs written in it (see write_command_holder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False, []
-    except OSError:
-        return True, []
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        text = os.read(fd, 4096)
-    except OSError:
-        return True, []  # held (BlockingIOError), or unsure
-    finally:
-        os.close(fd)
-    written = []
-    for line in text.splitlines():
-        pid, _, start = line.partition(b" ")
-        if pid.isdigit() and start.isdigit() and 0 < int(pid) < 2**31:
-            written.append((int(pid), int(start)))
-    return False, written
-
-
-def write_command_holder(lock_fd: int, pid: int, start: int) -> None:
-    """Write the command's pid and start time into its job lock, at once and with no lock.
+def write_command_holder(path: str, pid: int, start: int) -> None:
+    """Write the command's pid and start time to `path` (pid_path), at once and with no lock.
 
     The ledger learns them a moment later (launch.run_reserved), or not at all for a command
     that ends first; until then a gpurun killed with SIGKILL whose command closed the job
-    lock's descriptor would leave nothing of the job in sight. Read back by lease_alive.
+    lock's descriptor would leave nothing of the job in sight. The file is the job user's
+    and only they may write it (unlike the job lock, which every user may touch to wake a
+    waiting job), so no one can keep another's lease alive by naming a process in it.
     """
     try:
-        os.pwrite(lock_fd, f"{pid} {start}\n".encode(), 0)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
     except OSError:
-        pass  # the ledger's record, a moment later, covers it
+        return  # the ledger's record, a moment later, covers it
+    try:
+        os.write(fd, f"{pid} {start}\n".encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_command_holder(path: str, uid: int) -> tuple[int, int] | None:
+    """The (pid, start) in a job's pid file if the file is `uid`'s, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid != uid:
+            return None
+        pid, _, start = os.read(fd, 64).strip().partition(b" ")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if pid.isdigit() and start.isdigit() and 0 < int(pid) < 2**31:
+        return int(pid), int(start)
+    return None
 
 
 def ancestry() -> dict[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import _signal
 from _signal import (  # noqa: F401 - re-exported for the modules that send and take signals
     ITIMER_REAL,
+    NSIG,
     SIG_BLOCK,
     SIG_DFL,
     SIG_IGN,

@@ -357,3 +357,18 @@ def test_doctor_names_a_symbolic_link_as_the_state_dir(gpurun, tmp_path):
 
     assert result.returncode == 1
     assert "is a symbolic link" in result.stdout
+
+
+def test_a_history_line_nested_too_deep_is_skipped_not_a_crash(gpurun):
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    history = gpurun.state_dir / f"{gpurun.ledger()['server']}.history.jsonl"
+    with open(history, "a") as f:
+        f.write('{"id":7,"x":' + "[" * 100_000 + "]" * 100_000 + "}\n")
+        f.write("[" * 100_000 + "\n")
+
+    listed = gpurun.run("ps", "-a", "--json")
+    waited = gpurun.run("wait", "1")
+
+    assert listed.returncode == 0, listed.stderr
+    assert [job["id"] for job in json.loads(listed.stdout)] == [1]
+    assert waited.returncode == 0, waited.stderr

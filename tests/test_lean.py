@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpurun import codec, signals
+from gpurun.errors import UsageError
 from gpurun.jobs import parse_signal
 from gpurun.record import record
 
@@ -92,6 +93,20 @@ def test_codec_refuses_what_json_refuses(text):
         codec.loads(text)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'\xef\xbb\xbf{"a": 1}',
+        '{"a": 1}'.encode("utf-16"),
+        '{"a": 1}'.encode("utf-32-le"),
+        '{"a": "\ud800"}'.encode("utf-8", "surrogatepass"),
+    ],
+    ids=["bom", "utf-16", "utf-32", "surrogate"],
+)
+def test_codec_reads_bytes_as_json_does(data):
+    assert repr(codec.loads(data)) == repr(json.loads(data))
+
+
 def test_codec_refuses_what_is_not_json_data():
     with pytest.raises(TypeError):
         codec.dumps({"when": object()})
@@ -104,6 +119,10 @@ def test_signal_names_are_the_signal_modules():
     assert parse_signal("iot") == signal.SIGABRT
     assert parse_signal("TERM") == parse_signal("SIGTERM") == parse_signal("15") == 15
     assert signals.name(signal.SIGRTMIN + 6) == f"signal {signal.SIGRTMIN + 6}"
+    assert parse_signal(str(signal.SIGRTMIN + 6)) == signal.SIGRTMIN + 6
+    for wrong in ("0", str(signal.NSIG), "-15", "SIGNOPE", ""):
+        with pytest.raises(UsageError):
+            parse_signal(wrong)
 
 
 def test_a_job_ended_by_a_signal_with_no_name_is_reported(gpurun):
