@@ -267,11 +267,10 @@ def test_a_stuck_lock_holder_is_named_after_lock_timeout(gpurun):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_a_command_that_closed_its_job_lock_keeps_its_gpus_when_gpurun_dies_before_recording_it(
-    gpurun,
-):
-    # The command drops every inherited descriptor (the job lock among them), as daemons do;
-    # its gpurun is killed before the ledger learns the command's pid (its 2nd transaction).
+def orphan_a_command_that_closed_its_job_lock(gpurun) -> Path:
+    """Start a command that drops every inherited descriptor (the job lock among them), as
+    daemons do, and kill its gpurun before the ledger learns the command's pid (at its
+    second change); return the job's pid file."""
     ready = gpurun.tmp / "ready"
     closer = (
         "import os, time; os.closerange(3, 4096); "
@@ -281,6 +280,14 @@ def test_a_command_that_closed_its_job_lock_keeps_its_gpus_when_gpurun_dies_befo
     crashed = gpurun.start("-g", "4", "--", sys.executable, "-c", closer, env=env)
     assert crashed.wait(timeout=30) == -signal.SIGKILL
     wait_for(ready.exists, what="the command to start")
+    [pid_file] = (gpurun.state_dir / "jobs").glob("*.pid")
+    return pid_file
+
+
+def test_a_command_that_closed_its_job_lock_keeps_its_gpus_when_gpurun_dies_before_recording_it(
+    gpurun,
+):
+    pid_file = orphan_a_command_that_closed_its_job_lock(gpurun)
     [lease] = gpurun.ledger()["leases"]
     assert [h["role"] for h in lease["holders"]] == ["gpurun"]
 
@@ -290,7 +297,6 @@ def test_a_command_that_closed_its_job_lock_keeps_its_gpus_when_gpurun_dies_befo
     assert busy.returncode == 75, busy.stderr
     assert json.loads(gc.stdout) == []
     assert [lease["id"] for lease in gpurun.ledger()["leases"]] == [lease["id"]]
-    [pid_file] = (gpurun.state_dir / "jobs").glob(f"*.{lease['id']}.pid")
     os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
     wait_for(lambda: not gpurun.run("gc", "--json").stdout.strip("[]\n "), what="the reap")
     assert gpurun.ledger()["leases"] == []
@@ -300,15 +306,7 @@ def test_a_command_that_closed_its_job_lock_keeps_its_gpus_when_gpurun_dies_befo
 def test_a_pid_file_that_is_not_the_jobs_users_keeps_no_lease(gpurun):
     # Every user may replace a file in jobs/ (the folder is writable by all), so a pid file
     # another user wrote, naming a live process, must not keep a dead job's GPUs.
-    ready = gpurun.tmp / "ready"
-    closer = (
-        "import os, time; os.closerange(3, 4096); "
-        f"open({str(ready)!r}, 'w').close(); time.sleep(60)"
-    )
-    env = dict(gpurun.env, GPURUN_CRASH_AT="locked:2")
-    assert gpurun.start("-g", "4", "--", sys.executable, "-c", closer, env=env).wait(30) == -9
-    wait_for(ready.exists, what="the command to start")
-    [pid_file] = (gpurun.state_dir / "jobs").glob("*.pid")
+    pid_file = orphan_a_command_that_closed_its_job_lock(gpurun)
     os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
     with open(f"/proc/{os.getpid()}/stat") as f:
         start = f.read().rsplit(")", 1)[1].split()[19]
