@@ -670,7 +670,7 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             raise UsageError(
                 "reset not confirmed; nothing was changed (use --yes to skip the question)"
             )
-        from gpurun.reservations import server_names
+        from gpurun.inventory import server_names
 
         if args.server and args.server not in server_names(config):
             known = ", ".join(server_names(config))

@@ -14,6 +14,12 @@ import os
 from gpurun.cpulist import MAX_CPUS, parse_cpulist
 from gpurun.record import record
 
+# Only for annotations (see config.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gpurun.config import Config
+    from gpurun.ledger import State
+
 SERVER_KEYS = ("name", "address", "gpus", "cpus", "labels", "limits")
 GROUP_KEYS = ("count", "start", *SERVER_KEYS)
 LIMIT_KEYS = ("min_gpus", "max_gpus", "max_cpus")
@@ -289,3 +295,26 @@ def bookkeeping_cpus(value: object) -> list[int] | None:
     if isinstance(value, str) and ":" not in value:
         return parse_cpulist(value)
     raise ValueError(f"must be 'auto', a count, a list or a cpulist like \"0-7\", not {value!r}")
+
+
+def server_inventory(
+    config: Config, server: str, state: State
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """A server's GPU and CPU ids: this host's from its config, another's from the inventory,
+    or for `auto`, what its host last wrote in its ledger; None when unknown."""
+    if server == config.server:
+        return config.gpus, config.cpus
+    entry = next((s for s in config.servers if s.name == server), None)
+    recorded = state.inventory or {}
+    gpus = entry.gpus if entry is not None and entry.gpus is not None else recorded.get("gpus")
+    cpus = entry.cpus if entry is not None and entry.cpus is not None else recorded.get("cpus")
+    if gpus is None or cpus is None:
+        return None
+    return tuple(gpus), tuple(cpus)
+
+
+def server_names(config: Config) -> list[str]:
+    """Every server of the inventory, this host's first."""
+    names = [config.server]
+    names.extend(s.name for s in config.servers if s.name != config.server)
+    return names

@@ -13,8 +13,8 @@ from gpurun.admission import queue_order
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
-from gpurun.launch import forget_dead, open_ledger, reap_dead
-from gpurun.ledger import Lease, Ledger, State, Watcher
+from gpurun.inventory import server_inventory, server_names
+from gpurun.ledger import Lease, Ledger, State, Watcher, open_ledger
 from gpurun.log import get_logger
 
 log = get_logger(__name__)
@@ -145,6 +145,8 @@ def list_jobs(
 
 def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, object]]:
     """Drop every dead lease (only report them with dry_run); return what was dropped."""
+    from gpurun.launch import forget_dead, reap_dead
+
     ledger = open_ledger(config)
     now = time.time()
     if dry_run:
@@ -172,8 +174,6 @@ def server_status(
     Without `full`, a summary: each server's counts and GPUs, without its CPU groups and
     leases (`status` without --json or --detail prints no more, and on 1,000 leases the
     views of them were a tenth of what it took)."""
-    from gpurun.reservations import server_names
-
     names = server_names(config)
     if server is not None:
         if server not in names:
@@ -190,8 +190,6 @@ def server_status(
 
 
 def _server_view(config: Config, name: str, now: float, full: bool) -> dict[str, object]:
-    from gpurun.reservations import server_inventory
-
     ledger = open_ledger(config, name)
     problems = []
     try:
@@ -519,6 +517,8 @@ def _wait_gone(lease: Lease, lock_path: str, seconds: float) -> bool:
 
 def _wait_released(ledger: Ledger, lease: Lease, seconds: float) -> None:
     """Give the job's gpurun time to free the lease; reap it ourselves if gpurun is gone."""
+    from gpurun.launch import forget_dead, reap_dead
+
     deadline = time.monotonic() + seconds
     gpurun = [h for h in lease.holders if h.role == "gpurun"]
     supervised = any(liveness.holder_alive(h.pid, h.start) for h in gpurun)

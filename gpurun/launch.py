@@ -26,7 +26,7 @@ from gpurun.errors import (
     RefusedError,
 )
 from gpurun.external import busy_outside
-from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, finished_record
+from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, finished_record, open_ledger
 from gpurun.log import get_logger
 from gpurun.placement import Request, check_limits, check_possible, plural
 from gpurun.record import record
@@ -51,20 +51,6 @@ class Spec(_SpecBase):
     """
 
     __slots__ = ()
-
-
-def open_ledger(config: Config, server: str | None = None) -> Ledger:
-    """This host's ledger, or another server's (whose job leases this host cannot judge)."""
-    if server is None or server == config.server:
-        return Ledger(
-            config.state_dir,
-            config.server,
-            config.lock_timeout,
-            config.server_named,
-            owner=True,
-            inventory=(config.gpus, config.cpus),
-        )
-    return Ledger(config.state_dir, server, config.lock_timeout, named=True, owner=False)
 
 
 class DependencyFailed(GpurunError):

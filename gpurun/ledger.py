@@ -29,6 +29,11 @@ from gpurun.log import get_logger
 from gpurun.placement import Request
 from gpurun.record import record
 
+# Only for annotations (see config.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gpurun.config import Config
+
 log = get_logger(__name__)
 
 SCHEMA = 3
@@ -1275,3 +1280,17 @@ class Watcher:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def open_ledger(config: Config, server: str | None = None) -> Ledger:
+    """This host's ledger, or another server's (whose job leases this host cannot judge)."""
+    if server is None or server == config.server:
+        return Ledger(
+            config.state_dir,
+            config.server,
+            config.lock_timeout,
+            config.server_named,
+            owner=True,
+            inventory=(config.gpus, config.cpus),
+        )
+    return Ledger(config.state_dir, server, config.lock_timeout, named=True, owner=False)

@@ -19,6 +19,7 @@ from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import BusyError, CapacityError, GpurunError, NotFoundError, RefusedError
 from gpurun.external import busy_outside
+from gpurun.inventory import server_inventory, server_names
 from gpurun.launch import (
     Spec,
     _new_entry,
@@ -36,29 +37,6 @@ from gpurun.launch import (
 )
 from gpurun.ledger import NAMES_LOCK, Lease, Ledger, State
 from gpurun.placement import Request, check_limits, check_possible, place, plural
-
-
-def server_inventory(
-    config: Config, server: str, state: State
-) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """A server's GPU and CPU ids: this host's from its config, another's from the inventory,
-    or for `auto`, what its host last wrote in its ledger; None when unknown."""
-    if server == config.server:
-        return config.gpus, config.cpus
-    entry = next((s for s in config.servers if s.name == server), None)
-    recorded = state.inventory or {}
-    gpus = entry.gpus if entry is not None and entry.gpus is not None else recorded.get("gpus")
-    cpus = entry.cpus if entry is not None and entry.cpus is not None else recorded.get("cpus")
-    if gpus is None or cpus is None:
-        return None
-    return tuple(gpus), tuple(cpus)
-
-
-def server_names(config: Config) -> list[str]:
-    """Every server of the inventory, this host's first."""
-    names = [config.server]
-    names.extend(s.name for s in config.servers if s.name != config.server)
-    return names
 
 
 def allocate(
