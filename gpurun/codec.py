@@ -5,8 +5,8 @@ regular expressions when it is imported, which pulls in re, enum and functools, 
 against 12 ms for the bare interpreter on a 2-CPU machine (measured with `python -X
 importtime` and wall time; see bench/). The parsing and encoding themselves are done by the
 C module `_json` either way. This module calls that C code as the json package does, with the
-same settings as `json.loads` and `json.dumps` by default, so files read and written here are
-the ones json would read and write. Where `_json` is missing (an interpreter other than
+settings of `json.loads` and of `json.dumps(value, separators=(",", ":"))`, so files read and
+written here are the ones json would read and write. Where `_json` is missing (an interpreter other than
 CPython), it falls back to the json package.
 
 Malformed text raises ValueError, as json.loads does (its JSONDecodeError is one).
@@ -54,8 +54,7 @@ if _make_scanner is not None:
     _scan = _make_scanner(_Settings())
     # Arguments: markers (None: no check for cycles, which gpurun's data never has), default,
     # string quoting, indent, key and item separators, sort_keys, skipkeys, allow_nan.
-    _compact = _make_encoder(None, _unknown, _quote, None, ":", ",", False, False, True)
-    _spaced = _make_encoder(None, _unknown, _quote, None, ": ", ", ", False, False, True)
+    _encode = _make_encoder(None, _unknown, _quote, None, ":", ",", False, False, True)
 
     def loads(text: str | bytes) -> object:
         """The value of a JSON document; ValueError when it is not exactly one."""
@@ -79,9 +78,9 @@ if _make_scanner is not None:
             return _explain(text)
         return value
 
-    def dumps(value: object, compact: bool = True) -> str:
-        """`value` as JSON on one line; `compact` leaves out the spaces after , and :."""
-        return "".join((_compact if compact else _spaced)(value, 0))
+    def dumps(value: object) -> str:
+        """`value` as JSON on one line, with no spaces after , and : (as the ledger is)."""
+        return "".join(_encode(value, 0))
 
 else:
     import json
@@ -89,5 +88,5 @@ else:
     def loads(text: str | bytes) -> object:
         return json.loads(text)
 
-    def dumps(value: object, compact: bool = True) -> str:
-        return json.dumps(value, separators=(",", ":") if compact else None)
+    def dumps(value: object) -> str:
+        return json.dumps(value, separators=(",", ":"))
