@@ -41,8 +41,8 @@ def record(name: str, fields: str, defaults: tuple[object, ...] = ()) -> type:
         for at in range(first_default, count):
             if values[at] is _MISSING:
                 values[at] = defaults[at - first_default]
-        if _MISSING in values:
-            missing = [names[at] for at, value in enumerate(values) if value is _MISSING]
+        missing = [names[at] for at, value in enumerate(values) if value is _MISSING]
+        if missing:
             raise TypeError(f"{name} is missing {', '.join(missing)}")
         return tuple.__new__(cls, values)
 
