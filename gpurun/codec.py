@@ -6,8 +6,8 @@ against 12 ms for the bare interpreter on a 2-CPU machine (measured with `python
 importtime` and wall time; see bench/). The parsing and encoding themselves are done by the
 C module `_json` either way. This module calls that C code as the json package does, with the
 settings of `json.loads` and of `json.dumps(value, separators=(",", ":"))`, so files read and
-written here are the ones json would read and write. Where `_json` is missing (an interpreter other than
-CPython), it falls back to the json package.
+written here are the ones json would read and write. Where `_json` is missing (an interpreter
+other than CPython), it falls back to the json package.
 
 Malformed text raises ValueError, as json.loads does (its JSONDecodeError is one).
 """
