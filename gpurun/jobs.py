@@ -14,7 +14,7 @@ from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
 from gpurun.inventory import server_inventory, server_names
-from gpurun.ledger import Lease, Ledger, State, Watcher, open_ledger
+from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, open_ledger
 from gpurun.log import get_logger
 
 log = get_logger(__name__)
@@ -448,6 +448,11 @@ def _job_processes(lease: Lease, lock_path: str, checked: bool = False) -> list[
     a gpurun or a job: init, this process's own parents, a "gpurun" running something else.
     """
     holders = {h.role: h for h in lease.holders}
+    if "command" not in holders and lock_path:
+        # Started less than RECORD_AFTER ago, or ended since: the pid file has it.
+        written = liveness.read_command_holder(liveness.pid_path(lock_path), lease.uid)
+        if written is not None:
+            holders["command"] = Holder(*written, "command")
     gpurun = holders.get("gpurun")
     gpurun_alive = gpurun is not None and liveness.holder_alive(gpurun.pid, gpurun.start)
     if gpurun_alive and not checked and not _is_gpurun(gpurun.pid):
