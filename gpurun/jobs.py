@@ -448,11 +448,9 @@ def _job_processes(lease: Lease, lock_path: str, checked: bool = False) -> list[
     a gpurun or a job: init, this process's own parents, a "gpurun" running something else.
     """
     holders = {h.role: h for h in lease.holders}
-    if "command" not in holders and lock_path:
-        # Started less than RECORD_AFTER ago, or ended since: the pid file has it.
-        written = liveness.read_command_holder(liveness.pid_path(lock_path), lease.uid)
-        if written is not None:
-            holders["command"] = Holder(*written, "command")
+    written = liveness.unrecorded_command(lease, lock_path) if lock_path else None
+    if written is not None:
+        holders["command"] = Holder(*written, "command")
     gpurun = holders.get("gpurun")
     gpurun_alive = gpurun is not None and liveness.holder_alive(gpurun.pid, gpurun.start)
     if gpurun_alive and not checked and not _is_gpurun(gpurun.pid):

@@ -233,24 +233,21 @@ def reserve(
             if left is not None and left <= 0:
                 raise BusyError(f"{busy}; gave up after --timeout {timeout:g} s")
             progress.waiting(entry.id, position, queued, busy)
+            # Watching starts only at the first wait, so that time it looks before waiting: a
+            # placement in between would otherwise be seen only at the next poll. The look is
+            # a read without the lock, as after each wait: in a crowd, a second transaction
+            # per waiting gpurun queued them all for the lock once more.
+            look_first = watcher is None
             if watcher is None:
-                # Watching starts only now, so look once more before the first wait: a
-                # placement in between would otherwise be seen only at the next poll. The
-                # look is a read without the lock, as after each wait: in a crowd, a second
-                # transaction per waiting gpurun queued them all for the lock once more.
                 watched = (ledger.job_lock_path(entry.id), ledger.lock_path)
                 # Closed only if the job does not start: closing it waits (see Watcher.close),
                 # and the command does not inherit it (close-on-exec).
                 watcher = Watcher(ledger.state_dir, watched)
-                placed, snapshot = _placed_meanwhile(ledger, entry.id)
-                if placed is not None:
-                    log.info("job %d was placed while it waited", placed.id)
-                    progress.started(placed)
-                    return placed, lock_fd
-                if _worth_a_transaction(ledger, config, snapshot, entry.id, outside):
-                    continue
             while True:
-                watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
+                if not look_first:
+                    watcher.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
+                    outside = busy_outside(config, OUTSIDE_MAX_AGE)
+                look_first = False
                 placed, snapshot = _placed_meanwhile(ledger, entry.id)
                 if placed is not None:
                     log.info("job %d was placed while it waited", placed.id)
@@ -259,7 +256,6 @@ def reserve(
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                outside = busy_outside(config, OUTSIDE_MAX_AGE)
                 if _worth_a_transaction(ledger, config, snapshot, entry.id, outside):
                     break
                 if snapshot is not None and snapshot.find(entry.id) is not None:

@@ -137,8 +137,17 @@ def lease_alive(lease: object, lock_path: str, now: float) -> bool:
         return True
     if any(holder_alive(h.pid, h.start) for h in lease.holders):
         return True
-    written = read_command_holder(pid_path(lock_path), lease.uid)
+    written = unrecorded_command(lease, lock_path)
     return written is not None and holder_alive(*written)
+
+
+def unrecorded_command(lease: object, lock_path: str) -> tuple[int, int] | None:
+    """The (pid, start) of a job's command that the ledger does not have yet (its first
+    moments, see launch.run_reserved), from its pid file; None if the ledger has it or there
+    is none."""
+    if any(h.role == "command" for h in lease.holders):
+        return None
+    return read_command_holder(pid_path(lock_path), lease.uid)
 
 
 def pid_path(lock_path: str) -> str:

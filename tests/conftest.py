@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -53,6 +54,28 @@ def lease_record(lease_id: int = 1, **fields: object) -> dict:
     }
     record.update(fields)
     return record
+
+
+def one_error_line(stderr: str) -> str:
+    """The single `gpurun: ` line a failure prints; fails the test on anything else."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("gpurun: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def held_ledger_lock(gpurun, lock_timeout: float):
+    """Hold the ledger's lock (after one job made the ledger) with `lock_timeout` set."""
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    gpurun.write_config(f"gpus: 4\ncpus: auto\nlock_timeout: {lock_timeout}\n")
+    lock = os.open(str(gpurun.ledger_path()) + ".lock", os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(lock)
 
 
 def read_json(path: Path | str) -> dict:

@@ -14,8 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from test_hostile import one_line
+from conftest import one_error_line, wait_for
 
 from gpurun.ledger import CRASH_POINTS
 
@@ -166,7 +165,7 @@ def fill(folder: Path) -> None:
 
 def assert_failed_cleanly(gpurun, result, ledger: Path, old: bytes, marker: Path) -> None:
     assert result.returncode == 125, result.stderr
-    line = one_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert str(ledger.parent) in line and "left as it was" in line
     assert ledger.read_bytes() == old
     assert not marker.exists()
@@ -256,7 +255,7 @@ def test_a_stuck_lock_holder_is_named_after_lock_timeout(gpurun):
 
         for result in results:
             assert result.returncode == 125
-            line = one_line(result.stderr)
+            line = one_error_line(result.stderr)
             assert lock in line and "lock_timeout (0.5 s)" in line
             assert f"held by pid {holder.pid}" in line
         assert gpurun.ledger_path().read_bytes() == old

@@ -8,18 +8,10 @@ import os
 import subprocess
 
 import pytest
-from conftest import lease_record
+from conftest import lease_record, one_error_line
 
 from gpurun.cli import main
 from gpurun.ledger import SCHEMA
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("gpurun: "), stderr
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 def tree_digest(folder) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import held_ledger_lock
 
 from gpurun.cli import build_parser, quick_args
 from gpurun.config import _cache_path, load_config
@@ -172,16 +173,8 @@ def test_iso_time_writes_what_datetime_writes(monkeypatch, zone):
 
 
 def test_a_held_ledger_lock_still_times_out(gpurun):
-    import fcntl
-
-    assert gpurun.run("-g", "1", "--", "true").returncode == 0
-    gpurun.write_config("gpus: 4\ncpus: auto\nlock_timeout: 0.5\n")
-    lock = os.open(str(gpurun.ledger_path()) + ".lock", os.O_RDONLY)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
+    with held_ledger_lock(gpurun, lock_timeout=0.5):
         result = gpurun.run("-g", "1", "--", "true")
-    finally:
-        os.close(lock)
 
     assert result.returncode == 125
     assert "still locked after lock_timeout (0.5 s); held by pid" in result.stderr

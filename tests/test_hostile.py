@@ -3,7 +3,6 @@ a second ledger for one machine, files other users cannot open, odd bytes, forge
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -12,14 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import GPURUN, lease_record, wait_for, wait_json
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpurun: "), stderr
-    assert "Traceback" not in stderr
-    return lines[0]
+from conftest import GPURUN, held_ledger_lock, lease_record, one_error_line, wait_for, wait_json
 
 
 def test_reset_of_an_unreadable_ledger_does_not_forget_live_jobs(gpurun):
@@ -48,7 +40,7 @@ def test_a_second_ledger_for_the_same_machine_is_refused(gpurun):
     result = gpurun.run("-g", "1", "--", "true")
 
     assert result.returncode == 125
-    assert "GPURUN_SERVER=other-name" in one_line(result.stderr)
+    assert "GPURUN_SERVER=other-name" in one_error_line(result.stderr)
     assert [p.name for p in gpurun.state_dir.glob("*.json")] == ["other-name.json"]
 
 
@@ -93,19 +85,19 @@ def test_control_characters_never_split_the_error_line(gpurun):
     for args in (["--", "no\nsuch"], ["kill", "x\ny"], ["kill", "1", "-s", "X\nY"]):
         result = gpurun.run(*args)
         assert result.returncode in (2, 125, 127)
-        one_line(result.stderr)
+        one_error_line(result.stderr)
 
 
 def test_strange_values_get_a_clear_error_not_an_internal_one(gpurun):
-    assert "no job" in one_line(gpurun.run("kill", "\u00b2").stderr)
+    assert "no job" in one_error_line(gpurun.run("kill", "\u00b2").stderr)
     assert gpurun.run("kill", "9" * 5000).returncode == 125
     gpurun.write_config("gpus: 2\nkill_grace: .nan\n")
-    assert "kill_grace" in one_line(gpurun.run("ps").stderr)
+    assert "kill_grace" in one_error_line(gpurun.run("ps").stderr)
     gpurun.write_config("gpus: 2\nlock_timeout: .inf\n")
-    assert "lock_timeout" in one_line(gpurun.run("ps").stderr)
+    assert "lock_timeout" in one_error_line(gpurun.run("ps").stderr)
     gpurun.config.write_text('state_dir: "/tmp/a\\0b"\n')
-    assert "state_dir" in one_line(gpurun.run("ps").stderr)
-    assert "--config needs" in one_line(gpurun.run("--config", "", "ps").stderr)
+    assert "state_dir" in one_error_line(gpurun.run("ps").stderr)
+    assert "--config needs" in one_error_line(gpurun.run("--config", "", "ps").stderr)
 
 
 def test_a_ledger_with_impossible_numbers_is_unreadable_not_a_crash(gpurun):
@@ -120,7 +112,7 @@ def test_a_ledger_with_impossible_numbers_is_unreadable_not_a_crash(gpurun):
         for command in (["ps"], ["status"], ["gc"], ["-g", "1", "--", "true"]):
             result = gpurun.run(*command)
             assert result.returncode == 125, (created, command, result.stderr)
-            assert "gpurun reset" in one_line(result.stderr)
+            assert "gpurun reset" in one_error_line(result.stderr)
         assert ledger.read_bytes() == before
 
 
@@ -136,7 +128,7 @@ def test_scripts_are_checked_before_anything_is_reserved(gpurun, tmp_path):
     ran = gpurun.run("-g", "1", "--", str(plain))
 
     assert missing.returncode == 127
-    assert "bad interpreter '/nonexistent/interpreter'" in one_line(missing.stderr)
+    assert "bad interpreter '/nonexistent/interpreter'" in one_error_line(missing.stderr)
     assert ran.returncode == 0 and ran.stdout == "from-plain-script\n"
     assert [job["id"] for job in gpurun.ps("-a")] == [1]
 
@@ -154,18 +146,12 @@ def test_closed_stderr_still_gets_the_exit_code(gpurun):
 
 
 def test_ctrl_c_ends_a_wait_for_the_ledger_lock(gpurun):
-    assert gpurun.run("-g", "1", "--", "true").returncode == 0
-    gpurun.write_config("gpus: 4\ncpus: auto\nlock_timeout: 60\n")
-    lock = os.open(str(gpurun.ledger_path()) + ".lock", os.O_RDONLY)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
+    with held_ledger_lock(gpurun, lock_timeout=60):
         waiter = gpurun.start("-g", "1", "--", "true")
         time.sleep(0.5)  # it is now waiting for the lock
         began = time.monotonic()
         waiter.send_signal(signal.SIGINT)
         code = waiter.wait(timeout=10)
-    finally:
-        os.close(lock)
 
     assert code == 130
     assert time.monotonic() - began < 5
@@ -197,7 +183,7 @@ def test_kill_refuses_holders_that_are_not_a_gpurun(gpurun):
         result = gpurun.run("kill", "7")
 
         assert result.returncode == 125
-        assert "not a gpurun process" in one_line(result.stderr)
+        assert "not a gpurun process" in one_error_line(result.stderr)
         assert shell.poll() is None
     finally:
         shell.kill()
@@ -216,9 +202,9 @@ def test_values_at_the_edge_of_the_ledgers_ranges_never_make_it_unreadable(gpuru
     listing = gpurun.run("ps", "--json")
 
     assert low.returncode == 0, low.stderr
-    assert too_low.returncode == 2 and "from -1000000 to 1000000" in one_line(too_low.stderr)
+    assert too_low.returncode == 2 and "from -1000000 to 1000000" in one_error_line(too_low.stderr)
     for result in far:
-        assert result.returncode == 2 and "ten years" in one_line(result.stderr)
+        assert result.returncode == 2 and "ten years" in one_error_line(result.stderr)
     assert ten_years.returncode == 0, ten_years.stderr
     assert listing.returncode == 0, listing.stderr
     assert [job["name"] for job in json.loads(listing.stdout)] == ["long"]
@@ -236,7 +222,7 @@ def test_a_pid_out_of_range_in_the_ledger_is_a_clear_error_for_every_command(gpu
     for command in (["ps"], ["status"], ["gc"], ["kill", "1"], ["-g", "1", "--", "true"]):
         result = gpurun.run(*command)
         assert result.returncode == 125, (command, result.stderr)
-        assert "is not a process id" in one_line(result.stderr)
+        assert "is not a process id" in one_error_line(result.stderr)
     assert gpurun.run("reset", "--yes").returncode == 0
     assert gpurun.run("-g", "1", "--", "true").returncode == 0
 
@@ -316,7 +302,7 @@ def test_kill_of_a_reservation_is_refused_with_125(gpurun):
     result = gpurun.run("kill", "box")
 
     assert result.returncode == 125
-    assert "use 'gpurun release'" in one_line(result.stderr)
+    assert "use 'gpurun release'" in one_error_line(result.stderr)
 
 
 def test_a_server_template_padded_too_wide_is_refused_at_once(gpurun):
@@ -325,14 +311,14 @@ def test_a_server_template_padded_too_wide_is_refused_at_once(gpurun):
     result = gpurun.run("status", timeout=20)
 
     assert result.returncode == 125
-    assert "too wide" in one_line(result.stderr)
+    assert "too wide" in one_error_line(result.stderr)
 
 
 def test_options_a_command_does_not_take_are_refused_before_its_name(gpurun):
     result = gpurun.run("--backend", "local", "status")
 
     assert result.returncode == 2
-    assert "unrecognized arguments: --backend" in one_line(result.stderr)
+    assert "unrecognized arguments: --backend" in one_error_line(result.stderr)
 
 
 def test_a_fifo_planted_as_the_config_cache_never_hangs_a_command(gpurun, tmp_path):

@@ -15,7 +15,7 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import wait_for, wait_json
+from conftest import one_error_line, wait_for, wait_json
 
 TWO_CPUS = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="needs a host with at least 2 CPUs"
@@ -48,14 +48,6 @@ def alloc(gpurun, env: dict[str, str], *args: str) -> dict:
     result = gpurun.run("alloc", *args, "--json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("gpurun: "), stderr
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

@@ -10,8 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from test_hostile import one_line
+from conftest import one_error_line, wait_for
 
 ALICE = 60101
 BOB = 60102
@@ -84,9 +83,9 @@ def test_only_the_owner_or_root_may_kill_or_release(users, lab):
 
         assert booked.returncode == 0, booked.stderr
         assert kill.returncode == 125
-        assert one_line(kill.stderr).startswith(f"gpurun: job 1 belongs to {ALICE}")
+        assert one_error_line(kill.stderr).startswith(f"gpurun: job 1 belongs to {ALICE}")
         assert release.returncode == 125
-        assert f"belongs to {ALICE}; only they or root" in one_line(release.stderr)
+        assert f"belongs to {ALICE}; only they or root" in one_error_line(release.stderr)
         assert [j["name"] for j in json.loads(still.stdout)] == ["long", "box"]
         assert by_root.returncode == 0, by_root.stderr
         assert job.wait(timeout=30) == 143
@@ -148,7 +147,7 @@ def test_a_symbolic_link_in_the_state_dir_is_refused(gpurun, what):
     result = gpurun.run("-g", "1", "--", "true")
 
     assert result.returncode == 125, result.stderr
-    line = one_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert "symbolic link" in line and ("remove the link" in line or "real folder" in line)
     assert sorted(p.name for p in victim.iterdir()) == ["precious"]
     assert (victim / "precious").read_text() == "keep me\n"
