@@ -609,12 +609,19 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
     from gpurun import jobs, render
 
     if command == "ps":
-        rows = jobs.list_jobs(config, include_finished=args.all, brief=not args.json)
+        if args.json:
+            rows = jobs.list_jobs(config, include_finished=args.all)
+        else:
+            rows = jobs.list_table(config, include_finished=args.all)
         if backend == "slurm":
             from gpurun import slurm
 
-            rows = [dict(row, backend="local") for row in rows]
-            rows.extend(slurm.list_jobs(include_finished=args.all))
+            theirs = slurm.list_jobs(include_finished=args.all)
+            if args.json:
+                rows = [dict(row, backend="local") for row in rows]
+                rows.extend(theirs)
+            else:
+                rows.extend(render.job_cells(job) for job in theirs)
         print(render.to_json(rows) if args.json else render.jobs_table(rows))
     elif command == "gc":
         dropped = jobs.collect_garbage(config, dry_run=args.dry_run)

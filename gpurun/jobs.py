@@ -49,38 +49,25 @@ def iso_time(when: float | None) -> str | None:
     return "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6] + zone  # noqa: UP031
 
 
-def lease_view(lease: Lease, alive: bool, now: float, brief: bool = False) -> dict[str, object]:
-    """A live or dead lease as `ps --json` shows it; `brief`, only what the `ps` table
-    shows, as tuples (on 1,000 leases the rest was a tenth of what `ps` took)."""
-    pids = {h.role: h.pid for h in lease.holders}
-    pid = pids.get("command", pids.get("gpurun"))
-    state = lease.state if alive else ("expired" if lease.kind == "reservation" else "dead")
-    elapsed = round(now - (lease.started or lease.created), 3)
-    if brief:
-        return {
-            "id": lease.id,
-            "name": lease.name,
-            "user": lease.user,
-            "pid": pid,
-            "gpus": lease.gpus,
-            "cpus": lease.cpus,
-            "state": state,
-            "kind": lease.kind,
-            "elapsed": elapsed,
-            "command": lease.command,
-        }
+def shown_state(lease: Lease, alive: bool) -> str:
+    """What `ps` calls a lease's state: its own while live, else dead (a reservation: expired)."""
+    return lease.state if alive else ("expired" if lease.kind == "reservation" else "dead")
+
+
+def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
+    """A live or dead lease as `ps --json` shows it."""
     return {
         "id": lease.id,
         "name": lease.name,
         "user": lease.user,
         "host": lease.host,
-        "pid": pid,
+        "pid": lease.shown_pid(),
         "gpus": list(lease.gpus),
         "cpus": list(lease.cpus),
-        "state": state,
+        "state": shown_state(lease, alive),
         "kind": lease.kind,
         "started": iso_time(lease.started or lease.created),
-        "elapsed": elapsed,
+        "elapsed": round(now - (lease.started or lease.created), 3),
         "command": list(lease.command),
         "request": {"gpus": lease.request.gpus, "cpus": lease.request.cpus},
         "priority": lease.priority,
@@ -121,26 +108,48 @@ def history_view(record: dict[str, object]) -> dict[str, object]:
     return view
 
 
-def list_jobs(
-    config: Config, include_finished: bool = False, brief: bool = False
-) -> list[dict[str, object]]:
-    """Live jobs, oldest first; with include_finished, the finished ones before them.
-    `brief`: the live ones with only what the `ps` table shows (see lease_view)."""
-    ledger = open_ledger(config)
-    state = ledger.read()
-    now = time.time()
-    rows = []
-    if include_finished:
-        finished = [history_view(r) for r in ledger.read_history()]
-        rows.extend(sorted(finished, key=lambda view: view["id"] or 0))
-    positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
-    live = ledger.live_ids(state.leases, now)
-    for lease in state.leases:
-        view = lease_view(lease, lease.id in live, now, brief)
+def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, object]]:
+    """Live jobs as lease_view shows them, oldest first; with include_finished, the finished
+    ones before them."""
+    ledger, leases, live, positions, now = _listing(config)
+    rows = _finished_views(ledger) if include_finished else []
+    for lease in leases:
+        view = lease_view(lease, lease.id in live, now)
         if lease.id in positions:
             view["position"] = positions[lease.id]
         rows.append(view)
     return rows
+
+
+def list_table(config: Config, include_finished: bool = False) -> list[list[str]]:
+    """The rows of the `ps` table for what list_jobs lists, in its order. Each live one is
+    made from its lease (render.lease_cells) rather than from its view: `ps` makes one per
+    lease, and the view's dict was a third of what a row took."""
+    from gpurun.render import job_cells, lease_cells
+
+    ledger, leases, live, positions, now = _listing(config)
+    rows = [job_cells(view) for view in _finished_views(ledger)] if include_finished else []
+    get = positions.get
+    for lease in leases:
+        alive = lease.id in live
+        elapsed = round(now - (lease.started or lease.created), 3)
+        rows.append(lease_cells(lease, shown_state(lease, alive), elapsed, get(lease.id)))
+    return rows
+
+
+def _listing(config: Config) -> tuple[Ledger, list[Lease], set[int], dict[int, int], float]:
+    """The ledger, its leases, the ids of the live ones, the queue position of each waiting
+    one, and the time they were judged at."""
+    ledger = open_ledger(config)
+    state = ledger.read()
+    now = time.time()
+    positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
+    return ledger, state.leases, ledger.live_ids(state.leases, now), positions, now
+
+
+def _finished_views(ledger: Ledger) -> list[dict[str, object]]:
+    finished = [history_view(record) for record in ledger.read_history()]
+    return sorted(finished, key=lambda view: view["id"] or 0)
 
 
 def collect_garbage(config: Config, dry_run: bool = False) -> list[dict[str, object]]:

@@ -68,6 +68,8 @@ def record(name: str, fields: str, defaults: tuple[object, ...] = ()) -> type:
         "__new__": __new__,
         "_replace": _replace,
         "_asdict": _asdict,
+        # Built from a tuple of exactly its fields, with no check: for records read in bulk.
+        "_make": classmethod(tuple.__new__),
         "__repr__": __repr__,
         "__match_args__": names,
     }

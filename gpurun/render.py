@@ -7,6 +7,11 @@ import sys
 
 from gpurun.cpulist import format_cpulist
 
+# Only for annotations (see config.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gpurun.ledger import Lease
+
 
 def to_json(data: object) -> str:
     import json
@@ -20,12 +25,15 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     Every row has a cell per header.
     """
     # A newline or other control character in a cell (a command's argument) would break the
-    # rows for grep and awk; it is shown escaped, as Python writes it.
-    rows = [row if "".join(row).isprintable() else [_printable(c) for c in row] for row in rows]
+    # rows for grep and awk; it is shown escaped, as Python writes it. One test of all the
+    # text finds the usual table clean: `ps` writes a row per lease.
+    if not "".join(map("".join, rows)).isprintable():
+        rows = [row if "".join(row).isprintable() else [_printable(c) for c in row] for row in rows]
     widths = [max(map(len, column)) for column in zip(headers, *rows, strict=True)]
-    # One template pads every cell but the last: `ps` writes a row per lease.
-    template = "  ".join([*(f"{{:{width}}}" for width in widths[:-1]), "{}"])
-    lines = [template.format(*row).rstrip() for row in [headers, *rows]]
+    # One template pads every cell but the last; %-formatting takes four fifths of the time
+    # str.format does here.
+    template = "  ".join([*(f"%-{width}s" for width in widths[:-1]), "%s"])
+    lines = [(template % tuple(row)).rstrip() for row in [headers, *rows]]
     if sys.stdout.isatty():
         width = os.get_terminal_size().columns
         lines = [line if len(line) <= width else line[: width - 1] + "…" for line in lines]
@@ -60,41 +68,60 @@ def _cpus(ids: object) -> str:
     return format_cpulist(ids) if ids else "-"
 
 
-def _state(job: dict[str, object]) -> str:
-    code = job.get("exit_code")
-    if job.get("state") == "exited" and code is not None:
+def _state(state: object, kind: object, code: object, position: object) -> str:
+    if state == "exited" and code is not None:
         return f"exit {code}"
-    if job.get("kind") == "reservation" and job.get("state") == "running":
+    if kind == "reservation" and state == "running":
         return "reserved"
-    if job.get("state") == "waiting" and job.get("position"):
-        return f"waiting #{job['position']}"
-    return str(job.get("state"))
+    if state == "waiting" and position:
+        return f"waiting #{position}"
+    return str(state)
 
 
-def _command(job: dict[str, object]) -> str:
-    text = " ".join(job.get("command") or []) or f"({job.get('kind')})"
-    if job.get("reason"):
-        text += f"  ({job['reason']})"
+def _command(command: object, kind: object, reason: object) -> str:
+    text = " ".join(command or []) or f"({kind})"
+    if reason:
+        text += f"  ({reason})"
     return text
 
 
-def jobs_table(jobs: list[dict[str, object]]) -> str:
-    headers = ["ID", "NAME", "USER", "PID", "GPUS", "CPUS", "STATE", "ELAPSED", "COMMAND"]
-    rows = [
-        [
-            f"slurm:{j['id']}" if j.get("backend") == "slurm" else str(j["id"]),
-            str(j["name"]),
-            str(j["user"]),
-            str(j.get("pid") or "-"),
-            _ids(j["gpus"]),
-            f"n={j['cpu_count']}" if j.get("cpu_count") else _cpus(j["cpus"]),
-            _state(j),
-            duration(j.get("elapsed")),
-            _command(j),
-        ]
-        for j in jobs
+JOBS_HEADERS = ["ID", "NAME", "USER", "PID", "GPUS", "CPUS", "STATE", "ELAPSED", "COMMAND"]
+
+
+def job_cells(job: dict[str, object]) -> list[str]:
+    """A `ps` row for a job as `ps --json` shows it (history, Slurm)."""
+    return [
+        f"slurm:{job['id']}" if job.get("backend") == "slurm" else str(job["id"]),
+        str(job["name"]),
+        str(job["user"]),
+        str(job.get("pid") or "-"),
+        _ids(job["gpus"]),
+        f"n={job['cpu_count']}" if job.get("cpu_count") else _cpus(job["cpus"]),
+        _state(job.get("state"), job.get("kind"), job.get("exit_code"), job.get("position")),
+        duration(job.get("elapsed")),
+        _command(job.get("command"), job.get("kind"), job.get("reason")),
     ]
-    return table(headers, rows)
+
+
+def lease_cells(lease: Lease, state: str, elapsed: float, position: int | None) -> list[str]:
+    """The `ps` row of a ledger lease, the row job_cells makes of its jobs.lease_view; made
+    from the lease itself, since `ps` makes one per lease and the view was a third of it."""
+    pid = lease.shown_pid()
+    return [
+        str(lease.id),
+        lease.name,
+        lease.user,
+        str(pid or "-"),
+        _ids(lease.gpus),
+        _cpus(lease.cpus),
+        _state(state, lease.kind, None, position),
+        duration(elapsed),
+        _command(lease.command, lease.kind, None),
+    ]
+
+
+def jobs_table(rows: list[list[str]]) -> str:
+    return table(JOBS_HEADERS, rows)
 
 
 def gc_text(dropped: list[dict[str, object]], dry_run: bool) -> str:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from conftest import read_json, wait_for, wait_json
 
@@ -192,3 +193,42 @@ def test_lease_from_another_boot_is_dead(gpurun):
 
     assert [lease["id"] for lease in json.loads(result.stdout)] == [1]
     job.send_signal(signal.SIGKILL)
+
+
+def test_judging_many_leases_at_once_agrees_with_judging_each(tmp_path):
+    # ps and status judge every lease through liveness.live_ids, which probes the usual
+    # job's lock inline; it must answer as lease_alive does for every kind of lease.
+    from conftest import lease_record
+
+    from gpurun.ledger import Lease
+    from gpurun.liveness import boot_id, lease_alive, live_ids, lock_job, process_start
+
+    prefix = str(tmp_path / "srv.")
+    me = {"pid": os.getpid(), "start": process_start(os.getpid()), "role": "gpurun"}
+    gone = {"pid": os.getpid(), "start": process_start(os.getpid()) + 1, "role": "gpurun"}
+    held = lock_job(f"{prefix}1.lock")
+    holder = subprocess.Popen(["sleep", "60"], pass_fds=(held,))
+    os.close(held)
+    os.close(lock_job(f"{prefix}2.lock"))  # a lock file nobody holds
+    os.symlink("/dev/null", f"{prefix}6.lock")  # refused: kept, fail closed
+    os.mkdir(f"{prefix}7.lock")
+    records = [
+        lease_record(1, boot=boot_id(), holders=[gone]),
+        lease_record(2, boot=boot_id(), holders=[gone]),
+        lease_record(3, boot=boot_id(), holders=[me]),
+        lease_record(4, boot=boot_id(), holders=[gone]),
+        lease_record(5, boot="another", holders=[me]),
+        lease_record(6, boot=boot_id(), holders=[gone]),
+        lease_record(7, boot=boot_id(), holders=[gone]),
+        lease_record(8, kind="reservation", expires=time.time() + 60),
+        lease_record(9, kind="reservation", expires=time.time() - 60),
+    ]
+    leases = [Lease.from_json(record) for record in records]
+    try:
+        now = time.time()
+        each = {lease.id for lease in leases if lease_alive(lease, f"{prefix}{lease.id}.lock", now)}
+
+        assert live_ids(leases, prefix, now) == each == {1, 3, 6, 8}
+    finally:
+        holder.kill()
+        holder.wait()

@@ -258,6 +258,37 @@ def test_a_lease_as_gpurun_writes_it_takes_the_quick_reading():
     assert repr(_written_lease(record)) == repr(_checked_lease(record))
 
 
+# Each field the ledger leaves out at its default, with its default and other values.
+LEFT_OUT = {
+    "priority": st.sampled_from([0, 1, -5]),
+    "time_limit": st.sampled_from([None, 0.0, 60.0]),
+    "after": st.sampled_from([[], [0], [3, 4]]),
+    "after_any": st.booleans(),
+    "log": st.sampled_from([None, "", "/tmp/x.log"]),
+    "placed": st.sampled_from([None, 0.0, 1700000000.75]),
+    "reservation": st.sampled_from([None, 0, 3]),
+    "gpu_mask": st.sampled_from([None, [], [1, 2]]),
+}
+
+
+@FAST
+@given(st.fixed_dictionaries(LEFT_OUT))
+def test_the_ledger_leaves_out_defaults_and_reads_them_back(values):
+    from gpurun.ledger import _LEFT_OUT, Lease, _checked_lease, _ledger_record
+
+    lease = Lease.from_json({**written_record(), **values})
+    kept = json.loads(json.dumps(_ledger_record(lease)))
+
+    defaults = dict(_LEFT_OUT)
+    assert sorted(LEFT_OUT) == sorted(defaults)
+    for field, value in values.items():
+        at_default = value == defaults[field] and type(value) is type(defaults[field])
+        assert (field not in kept) == at_default, (field, value)
+    assert Lease.from_json(kept) == lease
+    # What a gpurun reading schema 3 without the quick path makes of it: the same lease.
+    assert _checked_lease(kept) == lease
+
+
 TOKENS = st.one_of(
     st.sampled_from(
         [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,3 +145,36 @@ def test_make_demo_places_three_jobs_apart(tmp_path):
     affinity = {name: line.split("CPU affinity=")[1].split("]")[0] for name, line in given.items()}
     assert affinity["first"] != affinity["second"]
     assert "waiting" in result.stderr and "in the queue" in result.stderr
+
+
+def test_the_ps_table_shows_what_ps_json_shows(gpurun):
+    # `ps` makes its table rows from the leases, `ps --json` its views; every kind of row
+    # must come out as the view's row would: finished, running, waiting with its place,
+    # reserved, dead, and a command with a newline in it.
+    from gpurun.render import JOBS_HEADERS, job_cells, table
+
+    assert gpurun.run("-g", "1", "-c", "0", "--", "sh", "-c", "exit 3").returncode == 3
+    assert gpurun.run("alloc", "box", "-g", "1", "-c", "0").returncode == 0
+    gpurun.start("-g", "1", "-c", "0", "-n", "odd", "--", "sh", "-c", "sleep 60\n#")
+    dead = gpurun.start("-g", "0", "-c", "0", "--", *gpurun.probe("d", "--sleep", "60"))
+    doomed = wait_json(gpurun.tmp / "d.start")["pid"]
+    queued = gpurun.start("-g", "3", "-c", "0", "-n", "queued", "--", "true")
+    wait_for(lambda: [j["state"] for j in gpurun.ps()].count("waiting") == 1, what="a queue")
+    # Stopped, the waiting gpurun cannot reap the lease that dies next.
+    queued.send_signal(signal.SIGSTOP)
+    dead.kill()
+    dead.wait()
+    os.kill(doomed, signal.SIGKILL)
+    wait_for(lambda: "dead" in [j["state"] for j in gpurun.ps()], what="a dead lease")
+
+    text = gpurun.run("ps", "-a").stdout
+    views = gpurun.ps("-a")
+
+    assert sorted(j["state"] for j in views) == ["dead", "exited", "running", "running", "waiting"]
+    assert "reserved" in text and "waiting #1" in text and "exit 3" in text and "\\n#" in text
+    # Elapsed times move on between the two calls; everything else must match exactly.
+    expected = table(JOBS_HEADERS, [job_cells(view) for view in views])
+    clock = re.compile(r"\b\d+(s|m\d\ds|h\d\dm|d\d\dh)\b")
+    assert [clock.sub("-", line).split() for line in text.splitlines()] == [
+        clock.sub("-", line).split() for line in expected.splitlines()
+    ]
