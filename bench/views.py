@@ -22,9 +22,8 @@ from pathlib import Path
 from common import BASELINE, GPURUN, SERVER, Bench, Figure, interleaved, ratio_figure
 
 from gpurun.launch import finished_record
-from gpurun.ledger import Holder, Lease, Ledger
+from gpurun.ledger import Holder, Lease, Ledger, Request
 from gpurun.liveness import boot_id, lock_job, process_start
-from gpurun.placement import Request
 
 
 def job_lease(lease_id: int, pid: int, gpus: tuple[int, ...], now: float) -> Lease:

@@ -699,7 +699,7 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, config: object) -> int:
     from gpurun.launch import Spec, run_job
-    from gpurun.placement import Request
+    from gpurun.ledger import Request
 
     if not args.command:
         raise UsageError(

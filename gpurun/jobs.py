@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from gpurun import liveness, signals
-from gpurun.admission import queue_order
+from gpurun import liveness
 from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
@@ -18,9 +17,6 @@ from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, open_ledger
 from gpurun.log import get_logger
 
 log = get_logger(__name__)
-
-# Signals after which `kill` sends SIGKILL to what is left once kill_grace has passed.
-ESCALATE = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGQUIT)
 
 
 # The "+HH:MM" of each UTC offset iso_time has met, since `ps` writes one time per lease.
@@ -143,7 +139,12 @@ def _listing(config: Config) -> tuple[Ledger, list[Lease], set[int], dict[int, i
     ledger = open_ledger(config)
     state = ledger.read()
     now = time.time()
-    positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
+    positions = {}
+    if any(lease.state == "waiting" for lease in state.leases):
+        # Only a queue needs the admission rules (and their imports).
+        from gpurun.admission import queue_order
+
+        positions = {lease.id: i + 1 for i, lease in enumerate(queue_order(state.leases))}
     return ledger, state.leases, ledger.live_ids(state.leases, now), positions, now
 
 
@@ -397,6 +398,8 @@ def find_lease(state: State, ref: str) -> Lease:
 
 def parse_signal(text: str) -> int:
     """A signal from 'TERM', 'SIGTERM' or '15'."""
+    from gpurun import signals
+
     if is_id(text) and 0 < int(text) < signals.NSIG:
         return int(text)
     name = text.upper()
@@ -409,9 +412,12 @@ def parse_signal(text: str) -> int:
     return number
 
 
-def kill_job(config: Config, ref: str, signum: int = signals.SIGTERM) -> dict[str, object]:
+def kill_job(config: Config, ref: str, signum: int) -> dict[str, object]:
     """Signal every process of a job; after TERM-like signals, KILL what is left after the
     grace period. Returns the job as `ps` shows it, with the signals sent."""
+    # Imported here, as in parse_signal: `ps` and `status` need none of it.
+    from gpurun import signals
+
     ledger = open_ledger(config)
     try:
         lease = find_lease(ledger.read(), ref)
@@ -436,7 +442,7 @@ def kill_job(config: Config, ref: str, signum: int = signals.SIGTERM) -> dict[st
             f"job {lease.id} has no processes left to signal; its lease goes with the next "
             "'gpurun gc'"
         )
-    if signum in ESCALATE:
+    if signum in (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGQUIT):
         if not _wait_gone(lease, lock_path, config.kill_grace):
             _signal_job(lease, lock_path, signals.SIGKILL, checked=True)
             sent.append("SIGKILL")

@@ -26,9 +26,18 @@ from gpurun.errors import (
     RefusedError,
 )
 from gpurun.external import busy_outside
-from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, finished_record, open_ledger
+from gpurun.ledger import (
+    Holder,
+    Lease,
+    Ledger,
+    Request,
+    State,
+    Watcher,
+    finished_record,
+    open_ledger,
+)
 from gpurun.log import get_logger
-from gpurun.placement import Request, check_limits, check_possible, plural
+from gpurun.placement import check_limits, check_possible, plural
 from gpurun.record import record
 
 log = get_logger(__name__)

@@ -23,10 +23,9 @@ import fcntl
 import os
 import time
 
-from gpurun import codec, signals
+from gpurun import codec
 from gpurun.errors import LedgerError
 from gpurun.log import get_logger
-from gpurun.placement import Request
 from gpurun.record import record
 
 # Only for annotations (see config.py).
@@ -64,6 +63,7 @@ _LEFT_OUT = (
     ("gpu_mask", None),
 )
 
+_RequestBase = record("_RequestBase", "gpus cpus gpu_ids")
 _HolderBase = record("_HolderBase", "pid start role")
 _LeaseBase = record(
     "_LeaseBase",
@@ -71,6 +71,14 @@ _LeaseBase = record(
     "request priority time_limit after after_any log placed reservation gpu_mask",
     defaults=(None,),
 )
+
+
+class Request(_RequestBase):
+    """What a job asks for: gpus (count), cpus (count), gpu_ids (tuple of exact ids or None).
+    It is defined here, with the other records a lease is made of, so that reading a ledger
+    (`ps`, `status`) loads none of placement and what it imports."""
+
+    __slots__ = ()
 
 
 class Holder(_HolderBase):
@@ -961,6 +969,8 @@ class Ledger:
         def expire(signum: int, frame: object) -> None:
             raise LockTimeout
 
+        from gpurun import signals
+
         previous = signals.signal(signals.SIGALRM, expire)
         try:
             signals.setitimer(signals.ITIMER_REAL, self.lock_timeout)
@@ -1117,6 +1127,8 @@ def crash_at(point: str) -> None:
         return
     _crash_count[0] += 1
     if _crash_count[0] >= (int(count) if count.isdigit() else 1):
+        from gpurun import signals
+
         os.kill(os.getpid(), signals.SIGKILL)
 
 
@@ -1210,6 +1222,8 @@ class Transaction:
             crash_at("locked")
         if self.block:
             # Taken only once the lock is held, so Ctrl-C still ends a wait for the lock.
+            from gpurun import signals
+
             signals.pthread_sigmask(signals.SIG_BLOCK, self.block)
         try:
             self.state = self.ledger.read()

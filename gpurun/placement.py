@@ -8,16 +8,8 @@ from __future__ import annotations
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import CapacityError
 from gpurun.gpuids import MIG_BASE
-from gpurun.record import record
+from gpurun.ledger import Request
 from gpurun.topology import NO_TOPOLOGY, Topology
-
-_RequestBase = record("_RequestBase", "gpus cpus gpu_ids")
-
-
-class Request(_RequestBase):
-    """What a job asks for: gpus (count), cpus (count), gpu_ids (tuple of exact ids or None)."""
-
-    __slots__ = ()
 
 
 def check_possible(

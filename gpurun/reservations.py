@@ -35,8 +35,8 @@ from gpurun.launch import (
     usable_gpus,
     visible_devices,
 )
-from gpurun.ledger import NAMES_LOCK, Lease, Ledger, State
-from gpurun.placement import Request, check_limits, check_possible, place, plural
+from gpurun.ledger import NAMES_LOCK, Lease, Ledger, Request, State
+from gpurun.placement import check_limits, check_possible, place, plural
 
 
 def allocate(

@@ -12,7 +12,8 @@ from conftest import FIXTURES, read_json, wait_for, wait_json
 
 from gpurun.cpulist import parse_cpulist
 from gpurun.gpus import parse_mig_list, parse_topo
-from gpurun.placement import Request, pick_gpus, place
+from gpurun.ledger import Request
+from gpurun.placement import pick_gpus, place
 from gpurun.topology import read_topology
 
 DGX_UUID = "GPU-8a1c3f6e-000{i}-4d1e-9b7a-00000000000{i}"

@@ -8,7 +8,8 @@ from conftest import lease_record
 from gpurun.config import build_config, load_config
 from gpurun.cpulist import format_cpulist, online_cpus, parse_cpulist
 from gpurun.errors import CapacityError, ConfigError
-from gpurun.placement import Request, check_possible, pick_cpus, place
+from gpurun.ledger import Request
+from gpurun.placement import check_possible, pick_cpus, place
 
 
 def test_place_takes_lowest_free_gpus_and_a_contiguous_cpu_run():
