@@ -149,12 +149,16 @@ class Lease(_LeaseBase):
 
 def _ledger_record(lease: Lease) -> dict[str, object]:
     """The lease's JSON object as the ledger keeps it: to_json() less the fields at their
-    defaults (_LEFT_OUT). History keeps every field, for whoever reads it."""
+    defaults (_LEFT_OUT), and less the request when it asked for exactly what the lease holds
+    (which is how every schema 3 reader reads a missing one). History keeps every field, for
+    whoever reads it."""
     record = lease.to_json()
     for field, default in _LEFT_OUT:
         value = record[field]
         if value == default and type(value) is type(default):
             del record[field]
+    if lease.request == (len(lease.gpus), len(lease.cpus), None):
+        del record["request"]
     return record
 
 
@@ -175,7 +179,7 @@ def _written_lease(record: dict[str, object]) -> Lease | None:
         lease_id, kind, state = record["id"], record["kind"], record["state"]
         name, user, uid, host = record["name"], record["user"], record["uid"], record["host"]
         created, started, expires = record["created"], record["started"], record["expires"]
-        boot, request, priority = record["boot"], record["request"], get("priority", 0)
+        boot, request, priority = record["boot"], get("request"), get("priority", 0)
         time_limit, log, placed = get("time_limit"), get("log"), get("placed")
         after, after_any = get("after", ()), get("after_any", False)
         reservation, gpu_mask = get("reservation"), get("gpu_mask")
@@ -199,17 +203,23 @@ def _written_lease(record: dict[str, object]) -> Lease | None:
             and (after_any is True or after_any is False)
             and (log is None or type(log) is str)
             and (reservation is None or (type(reservation) is int and 0 <= reservation < 2**63))
-            and type(request) is dict
+            and (request is None or type(request) is dict)
         ):
             return None
-        wanted_gpus, wanted_cpus, gpu_ids = request["gpus"], request["cpus"], request["gpu_ids"]
-        if not (
-            type(wanted_gpus) is int
-            and 0 <= wanted_gpus < 2**63
-            and type(wanted_cpus) is int
-            and 0 <= wanted_cpus < 2**63
-        ):
-            return None
+        gpus, cpus = _ints(record["gpus"]), _ints(record["cpus"])
+        if request is None:
+            wanted = make_request((len(gpus), len(cpus), None))
+        else:
+            wanted_gpus, wanted_cpus, gpu_ids = request["gpus"], request["cpus"], request["gpu_ids"]
+            if not (
+                type(wanted_gpus) is int
+                and 0 <= wanted_gpus < 2**63
+                and type(wanted_cpus) is int
+                and 0 <= wanted_cpus < 2**63
+            ):
+                return None
+            gpu_ids = None if gpu_ids is None else _ints(gpu_ids)
+            wanted = make_request((wanted_gpus, wanted_cpus, gpu_ids))
         holders = []
         for holder in record["holders"]:
             pid, start, role = holder["pid"], holder["start"], holder["role"]
@@ -233,17 +243,15 @@ def _written_lease(record: dict[str, object]) -> Lease | None:
                 user,
                 uid,
                 host,
-                _ints(record["gpus"]),
-                _ints(record["cpus"]),
+                gpus,
+                cpus,
                 _strs(record["command"]),
                 created,
                 started,
                 tuple(holders),
                 boot,
                 expires,
-                make_request(
-                    (wanted_gpus, wanted_cpus, None if gpu_ids is None else _ints(gpu_ids))
-                ),
+                wanted,
                 priority,
                 time_limit,
                 _ints(after),

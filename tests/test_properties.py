@@ -271,12 +271,24 @@ LEFT_OUT = {
 }
 
 
+# Requests for the 2 GPUs and 1 CPU of written_record(): the first two are what it holds.
+REQUESTS = st.sampled_from(
+    [
+        None,
+        {"gpus": 2, "cpus": 1, "gpu_ids": None},
+        {"gpus": 2, "cpus": 1, "gpu_ids": [1, 2]},
+        {"gpus": 3, "cpus": 1, "gpu_ids": None},
+        {"gpus": 2, "cpus": 0, "gpu_ids": None},
+    ]
+)
+
+
 @FAST
-@given(st.fixed_dictionaries(LEFT_OUT))
-def test_the_ledger_leaves_out_defaults_and_reads_them_back(values):
+@given(st.fixed_dictionaries(LEFT_OUT), REQUESTS)
+def test_the_ledger_leaves_out_defaults_and_reads_them_back(values, request):
     from gpurun.ledger import _LEFT_OUT, Lease, _checked_lease, _ledger_record
 
-    lease = Lease.from_json({**written_record(), **values})
+    lease = Lease.from_json({**written_record(), **values, "request": request})
     kept = json.loads(json.dumps(_ledger_record(lease)))
 
     defaults = dict(_LEFT_OUT)
@@ -284,6 +296,8 @@ def test_the_ledger_leaves_out_defaults_and_reads_them_back(values):
     for field, value in values.items():
         at_default = value == defaults[field] and type(value) is type(defaults[field])
         assert (field not in kept) == at_default, (field, value)
+    holds = request is None or request == {"gpus": 2, "cpus": 1, "gpu_ids": None}
+    assert ("request" not in kept) == holds, request
     assert Lease.from_json(kept) == lease
     # What a gpurun reading schema 3 without the quick path makes of it: the same lease.
     assert _checked_lease(kept) == lease
