@@ -769,7 +769,7 @@ def _run_slurm(args: argparse.Namespace, config: object) -> int:
         )
     # Looked up here first, as a local run does (127, 126): the nodes of a cluster share its
     # file systems, and srun alone would answer a typo with exit 2 and its own words.
-    from gpurun.launch import resolve_command
+    from gpurun.supervise import resolve_command
 
     try:
         resolve_command(args.command[0])

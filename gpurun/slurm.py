@@ -7,23 +7,24 @@ different allocations never see each other.
 
 As the backend, gpurun runs nothing itself: the foreground run is `srun`, a detached one is
 `sbatch`, `ps` reads `squeue`, `kill` is `scancel` and `logs` reads the job's output file.
-Nothing of this module is imported on a local run.
+Nothing of this module is imported on a local run. A foreground run imports no `subprocess`,
+`shlex`, `shutil`, `contextlib` or `threading` (with what they pull in, `re`, `collections`,
+`enum` and more, they were about 10 ms of each Slurm launch): Slurm's client commands are run
+with `subprocess` only when gpurun needs their answer.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
-import shlex
-import subprocess
 import sys
-import threading
 import time
 
 from gpurun import signals
 from gpurun.config import Config
 from gpurun.errors import (
     BusyError,
+    CommandError,
     ConfigError,
     Interrupted,
     NotFoundError,
@@ -79,8 +80,10 @@ def inside_allocation(config: Config) -> Config:
     if not os.path.isdir(state_dir):
         if "SLURM_TMPDIR" not in os.environ:
             remove_ended(os.path.dirname(state_dir), job)
-        with contextlib.suppress(FileExistsError):
+        try:
             os.makedirs(state_dir, mode=0o700)
+        except FileExistsError:
+            pass
     log.debug("inside Slurm job %s: GPUs %s, private state dir %s", job, gpus, state_dir)
     return config._replace(
         state_dir=state_dir,
@@ -141,9 +144,11 @@ def remove_ended(base: str, current: str) -> None:
     for name in names:
         job = name[len(PRIVATE_PREFIX) :].split(".")[0]
         path = os.path.join(base, name)
-        with contextlib.suppress(OSError):
+        try:
             if job != current and os.stat(path).st_uid == uid:
                 mine[path] = job
+        except OSError:
+            pass
     if not mine:
         return
     try:
@@ -212,7 +217,7 @@ def job_environment(cpus: int | None) -> dict[str, str]:
 
 def submit(options: list[str], command: list[str], cpus: int | None) -> str:
     """Queue the command with sbatch; return the Slurm job id."""
-    argv = ["sbatch", "--parsable", *options, f"--wrap={shlex.join(command)}"]
+    argv = ["sbatch", "--parsable", *options, f"--wrap={shell_join(command)}"]
     out = _slurm(argv, env=job_environment(cpus), timeout=60)
     job = out.strip().split(";")[0]
     if not job.isdigit():
@@ -235,11 +240,12 @@ def run_foreground(
     if wait is not None:
         argv.append(f"--immediate={max(1, int(-(-wait // 1)))}")
     argv.extend(["--", *command])
-    import shutil
+    from gpurun.supervise import resolve_command
 
-    srun = shutil.which("srun")
-    if srun is None:
-        raise SlurmError("srun", "not found on PATH; is Slurm installed here?")
+    try:
+        srun = resolve_command("srun")
+    except CommandError:
+        raise SlurmError("srun", "not found on PATH; is Slurm installed here?") from None
 
     read_end, write_end = os.pipe()
     from gpurun.supervise import BLOCKED as forwarded  # the signals gpurun passes on, SIGCHLD
@@ -291,30 +297,53 @@ def _pass_on(srun: int, comment: str, signum: int) -> bool:
     """Deliver a signal gpurun got to the command: through scancel once the step runs (then
     return True); before that, to srun, which gives up waiting for resources."""
     job = None
-    with contextlib.suppress(SlurmError):
+    try:
         for line in _slurm(["squeue", "-h", "--me", "-o", "%A|%T|%k"], timeout=10).splitlines():
             fields = line.split("|", 2)
             if len(fields) == 3 and fields[2] == comment and fields[1] == "RUNNING":
                 job = fields[0]
+    except SlurmError:
+        pass
     if job is not None:
         name = signals.name(signum).removeprefix("SIG")
-        with contextlib.suppress(SlurmError):
+        try:
             _slurm(["scancel", f"--signal={name}", job], timeout=10)
             return True
-    with contextlib.suppress(ProcessLookupError):
+        except SlurmError:
+            pass
+    try:
         os.kill(srun, signum)
+    except ProcessLookupError:
+        pass
     return False
 
 
-class _StderrRelay(threading.Thread):
+class _StderrRelay:
     """Copy srun's stderr to ours as it comes, keeping back srun's and slurmstepd's own lines
-    and remembering its errors."""
+    and remembering its errors, in a thread of its own. The thread is started with _thread,
+    as threading.Thread would start it: importing threading, with the functools and
+    collections it imports, was 3 ms of each Slurm launch."""
 
     def __init__(self, fd: int) -> None:
-        super().__init__(daemon=True)
         self.fd = fd
         self.errors: list[str] = []
         self.cancelled = False
+        self._done = _thread.allocate_lock()
+
+    def start(self) -> None:
+        self._done.acquire()
+        _thread.start_new_thread(self._run, ())
+
+    def join(self) -> None:
+        """Wait until srun's stderr is closed and all of it is copied."""
+        with self._done:
+            pass
+
+    def _run(self) -> None:
+        try:
+            self.run()
+        finally:
+            self._done.release()
 
     def run(self) -> None:
         pending = b""
@@ -362,9 +391,11 @@ class _StderrRelay(threading.Thread):
 
 def say(text: str) -> None:
     """One `gpurun: ` line on stderr about the Slurm job (not an error)."""
-    with contextlib.suppress(OSError, ValueError):
+    try:
         sys.stderr.write(f"gpurun: {text}\n")
         sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def list_jobs(include_finished: bool = False) -> list[dict[str, object]]:
@@ -485,8 +516,10 @@ def gpu_indices(gres: str) -> list[int]:
     ids: list[int] = []
     for part in gres.split("),"):
         if "(IDX:" in part and part.startswith("gpu"):
-            with contextlib.suppress(ValueError):
+            try:
                 ids.extend(parse_cpulist(part.split("(IDX:", 1)[1].rstrip(")")))
+            except ValueError:
+                pass
     return ids
 
 
@@ -504,6 +537,8 @@ def _row(job: dict[str, object], now: float) -> dict[str, object]:
     comment = str(job["comment"])
     if comment.startswith(COMMENT_PREFIX) and "]: " in comment:
         try:
+            import shlex
+
             command = shlex.split(comment.split("]: ", 1)[1])
         except ValueError:
             command = [comment.split("]: ", 1)[1]]
@@ -613,12 +648,27 @@ def job_comment(command: list[str]) -> str:
     """The job's Slurm comment: a mark unique to this gpurun (for passing signals on to its
     job) and the command, which squeue's JSON does not show for a --wrap job."""
     # One line: squeue prints comments one per line, and a newline would hide the mark.
-    text = shlex.join(command).replace("\n", "\\n")
+    text = shell_join(command).replace("\n", "\\n")
     return f"{COMMENT_PREFIX}{os.getpid()}.{time.monotonic_ns()}]: {text}"
+
+
+# The characters shlex.quote leaves unquoted (its pattern [^\w@%+=:,./-], in ASCII).
+_UNQUOTED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+
+
+def shell_join(words: list[str]) -> str:
+    """The words as one shell command line, quoted as shlex.join quotes them (tests compare
+    the two); shlex itself is not imported, for the `re` it pulls into each Slurm launch."""
+    return " ".join(
+        word if word and _UNQUOTED.issuperset(word) else "'" + word.replace("'", "'\"'\"'") + "'"
+        for word in words
+    )
 
 
 def _slurm(argv: list[str], env: dict[str, str] | None = None, timeout: float = 30) -> str:
     """Run a Slurm client command; return its stdout or raise SlurmError with its reason."""
+    import subprocess
+
     try:
         result = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=timeout, check=False

@@ -21,6 +21,7 @@ import sys
 import time
 
 from gpurun import liveness, signals
+from gpurun.errors import CommandError
 from gpurun.log import get_logger
 
 # Only for annotations: importing collections costs a launch 1.4 ms (see record.py).
@@ -42,6 +43,57 @@ FORWARDED = (
 ENDING = (signals.SIGINT, signals.SIGTERM, signals.SIGHUP)
 BLOCKED = (*FORWARDED, signals.SIGCHLD)
 SI_KERNEL = 0x80
+
+
+def resolve_command(name: str) -> str:
+    """Find the executable as execvp(3) would; raise CommandError with 127 or 126."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = os.environ.get("PATH", os.defpath)
+        candidates = [os.path.join(folder or ".", name) for folder in path.split(os.pathsep)]
+    denied = None
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            denied = denied or candidate
+            continue
+        if os.access(candidate, os.X_OK):
+            return candidate
+        if os.path.exists(candidate):
+            denied = denied or candidate
+    if denied is not None:
+        raise CommandError(
+            name,
+            "permission denied (not an executable file); make it executable (chmod +x) or run "
+            "it with its interpreter",
+            126,
+        )
+    raise CommandError(name, "command not found; check the name and PATH", 127)
+
+
+def exec_argv(executable: str, command: list[str]) -> tuple[str, list[str]]:
+    """What to hand posix_spawn for `command`, checked before anything is reserved.
+
+    A script's interpreter must exist (else 127, as a shell says "bad interpreter"). A file
+    that is neither a script with #! nor an ELF program is run by /bin/sh, as execvp(3) does;
+    posix_spawn would refuse it. Raises CommandError.
+    """
+    try:
+        with open(executable, "rb") as f:
+            head = f.read(256)
+    except OSError as exc:
+        raise CommandError(command[0], f"cannot read it ({exc.strerror})", 126) from None
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        interpreter = os.fsdecode(words[0]) if words else ""
+        if not interpreter or not os.access(interpreter, os.X_OK):
+            raise CommandError(
+                command[0], f"bad interpreter '{interpreter}': not found or not executable", 127
+            )
+        return executable, command
+    if head.startswith(b"\x7fELF"):
+        return executable, command
+    return "/bin/sh", ["sh", executable, *command[1:]]
 
 
 def spawn(executable: str, command: list[str], env: dict[str, str], cpus: tuple[int, ...]) -> int:

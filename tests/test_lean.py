@@ -165,3 +165,13 @@ def test_a_record_behaves_as_the_namedtuple_it_replaces():
         ours(1, 2)._replace(z=1)
     with pytest.raises(AttributeError):
         ours(1, 2).x = 3
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.text(), max_size=4))
+def test_shell_join_quotes_as_shlex_does(words):
+    import shlex
+
+    from gpurun.slurm import shell_join
+
+    assert shell_join(words) == shlex.join(words)

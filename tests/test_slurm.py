@@ -351,3 +351,16 @@ def test_private_folders_of_ended_allocations_are_removed(gpurun, cluster):
     assert (
         json.loads(gpurun.run("status", "--json", env=env).stdout)["servers"][0]["gpus_total"] == 1
     )
+
+
+def test_a_slurm_launch_imports_none_of_the_heavy_modules(slurm):
+    # Each of these cost every `gpurun --backend slurm` launch one to five milliseconds.
+    from test_lean import imported_by
+
+    assert slurm.run("--backend", "slurm", "-g", "1", "--", "true").returncode == 0
+
+    modules = imported_by(["--backend", "slurm", "-g", "1", "--", "true"], slurm.env)
+
+    assert "gpurun.slurm" in modules
+    heavy = {"subprocess", "shlex", "shutil", "contextlib", "re", "collections", "gpurun.launch"}
+    assert modules & heavy == set()
