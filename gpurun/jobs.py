@@ -13,7 +13,7 @@ from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
 from gpurun.inventory import server_inventory, server_names
-from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, open_ledger
+from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, open_ledger, open_shared
 from gpurun.log import get_logger
 
 log = get_logger(__name__)
@@ -637,20 +637,24 @@ def show_log(config: Config, ref: str, follow: bool = False) -> int:
             f"job {job['id']} ran in the foreground; its output went to its terminal, not a log"
         )
     ledger = open_ledger(config)
+    job_id = int(job["id"])
     try:
-        copy_output(str(path), lambda: follow and _still_listed(ledger, int(job["id"])), 0.1)
+        copy_output(str(path), lambda: follow and _still_listed(ledger, job_id), 0.1, shared=True)
     except FileNotFoundError:
         raise NotFoundError(f"the log of job {job['id']} ({path}) is gone") from None
+    except OSError as exc:
+        raise LedgerError(str(path), f"cannot read the log: {exc.strerror}") from None
     return 0
 
 
-def copy_output(path: str, running: object, pause: float) -> None:
+def copy_output(path: str, running: object, pause: float, shared: bool = False) -> None:
     """Copy the file to stdout as it grows, while `running()` says its writer runs; raise
-    FileNotFoundError when there is no such file."""
+    FileNotFoundError when there is no such file. `shared`: it is in the state folder, so it
+    is opened as ledger.open_shared opens files there."""
     import sys
 
     out = sys.stdout.buffer
-    with open(path, "rb") as f:
+    with open(open_shared(path) if shared else path, "rb") as f:
         while True:
             chunk = f.read(65536)
             if chunk:

@@ -33,6 +33,7 @@ from gpurun.ledger import (
     Request,
     State,
     Watcher,
+    create_afresh,
     finished_record,
     open_ledger,
 )
@@ -668,7 +669,9 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
         os.dup2(devnull, 0)
 
         def queued(entry: Lease) -> None:
-            out = os.open(entry.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            # Made afresh: logs/ is every user's, and a file or FIFO someone left under
+            # this name would get (or hold up) the job's output.
+            out = create_afresh(entry.log, os.O_WRONLY | os.O_APPEND, 0o644)
             os.write(write_end, f"id {entry.id}\n".encode())
             os.close(write_end)
             os.dup2(out, 1)

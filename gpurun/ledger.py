@@ -19,8 +19,10 @@ older schemas and refuses newer ones, so an old gpurun never drops fields it doe
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 
 from gpurun import codec
@@ -651,8 +653,6 @@ class Ledger:
         """
         if self.checked:
             return
-        import stat
-
         for folder in (self.state_dir, self.jobs_dir, self.logs_dir):
             try:
                 info = os.lstat(folder)
@@ -674,8 +674,9 @@ class Ledger:
 
     def read(self) -> State:
         """Read the ledger without the lock (a consistent snapshot, thanks to rename)."""
+        self.check_trusted()  # once: so `ps` refuses a linked state folder as a change does
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_shared(self.path)
         except FileNotFoundError:
             return State([], 1, 0.0)
         except OSError as exc:
@@ -906,9 +907,7 @@ class Ledger:
         folder, name = os.path.split(path)
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
-            )
+            fd = create_afresh(tmp, os.O_WRONLY, 0o666)
             try:
                 os.fchmod(fd, 0o666)
                 view = memoryview(data)
@@ -988,7 +987,9 @@ class Ledger:
             signals.signal(signals.SIGALRM, previous)
 
     def _open_lock_file(self, path: str) -> int:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO put in its place would hold the open, and every gpurun behind it
+        # (flock waits as ever; the flag only changes reads and writes, which a lock has none).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         for _ in range(3):
             try:
                 return os.open(path, flags)
@@ -1018,11 +1019,7 @@ class Ledger:
         try:
             if not os.path.exists(self.history_path):
                 create_shared_file(self.history_path)
-            fd = os.open(
-                self.history_path,
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o666,
-            )
+            fd = open_shared(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except OSError as exc:
             log.warning("cannot append to %s: %s", self.history_path, exc.strerror)
             return
@@ -1039,7 +1036,7 @@ class Ledger:
     def read_history(self) -> list[dict[str, object]]:
         """All finished jobs, oldest first; a torn or foreign line is skipped."""
         try:
-            with open(self.history_path, "rb") as f:
+            with open(open_shared(self.history_path), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return []
@@ -1061,7 +1058,7 @@ class Ledger:
         wanted = set(ids)
         found: dict[int, dict[str, object]] = {}
         try:
-            f = open(self.history_path, "rb")  # noqa: SIM115 - closed below, read in blocks
+            f = open(open_shared(self.history_path), "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             return found
         except OSError as exc:
@@ -1085,7 +1082,7 @@ class Ledger:
     def last_history_id(self) -> int:
         """The highest job id among the last history lines (0 when there are none)."""
         try:
-            with open(self.history_path, "rb") as f:
+            with open(open_shared(self.history_path), "rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
                 f.seek(max(0, size - 65536))
@@ -1117,13 +1114,16 @@ class Ledger:
 
 def _open_problem(exc: OSError, what: str) -> str:
     """Why `what` in the state dir cannot be opened, and what to do about it."""
-    import errno
-
     if exc.errno == errno.ELOOP:
         return (
             f"{what} is a symbolic link; gpurun never follows one in the state folder, where "
             "another user could point it at any file; remove the link ('gpurun reset' moves "
             "a ledger aside)"
+        )
+    if exc.errno == errno.EINVAL:
+        return (
+            f"{what} is not a regular file (a FIFO or device in its place?); remove it "
+            "('gpurun reset' moves a ledger aside)"
         )
     return f"cannot open {what}: {exc.strerror}; check the state folder's permissions"
 
@@ -1140,6 +1140,33 @@ def crash_at(point: str) -> None:
         os.kill(os.getpid(), signals.SIGKILL)
 
 
+def open_shared(path: str, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """Open a file of the state folder, where every user may make files, so that what
+    someone put there cannot hang or fool gpurun: no symbolic link is followed, and the open
+    never waits, as it would on a FIFO, for every gpurun behind the ledger lock. Raises
+    OSError, also for anything but a regular file. For reading and writing, not for locks."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_afresh(path: str, flags: int, mode: int) -> int:
+    """Create `path` as a new file of ours, removing whatever was there: a temporary name of
+    this process is ours alone, so anything found there is a crash's leftover or was put
+    there to be written through (a FIFO, a file another user can read)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 def create_shared_file(path: str) -> None:
     """Create an empty file that every user may open for reading and writing (mode 0666).
 
@@ -1149,7 +1176,7 @@ def create_shared_file(path: str) -> None:
     """
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    fd = create_afresh(tmp, os.O_WRONLY, 0o666)
     try:
         os.fchmod(fd, 0o666)
         os.link(tmp, path)

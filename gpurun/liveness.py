@@ -81,7 +81,9 @@ def job_lock_held(path: str) -> bool:
     the lease (fail closed).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO someone made in its place would otherwise hold the open, and
+        # with it every gpurun behind the ledger lock.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError:
@@ -109,7 +111,9 @@ def lock_job(path: str) -> int:
         raise FileExistsError(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.new")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    from gpurun.ledger import create_afresh
+
+    fd = create_afresh(tmp, os.O_RDWR, 0o666)
     try:
         os.fchmod(fd, 0o666)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -152,7 +156,7 @@ def live_ids(leases: list, lock_prefix: str, now: float) -> set[int]:
         path = f"{lock_prefix}{lease.id}.lock"
         if lease.kind == "job" and lease.boot == boot:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 fd = -1  # lease_alive sorts out what that means
             if fd >= 0:
@@ -198,6 +202,7 @@ def write_command_holder(path: str, pid: int, start: int) -> None:
     except OSError:
         return  # the ledger's record, a moment later, covers it
     try:
+        os.fchmod(fd, 0o644)  # whatever our umask: other users' gpuruns judge the lease by it
         os.write(fd, f"{pid} {start}\n".encode())
     except OSError:
         pass

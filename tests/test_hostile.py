@@ -69,6 +69,19 @@ def test_state_files_open_to_all_users_whatever_the_umask(gpurun):
     assert not [n for n in os.listdir(nested) if n.endswith((".tmp", ".new"))]
 
 
+def test_a_jobs_pid_file_is_readable_by_all_users_whatever_the_umask(gpurun):
+    # Other users' gpuruns read it to judge the lease while the ledger lacks the command.
+    job = subprocess.Popen(
+        [GPURUN, "-g", "1", "--", "sleep", "30"],
+        env=gpurun.env,
+        preexec_fn=lambda: os.umask(0o077),
+    )
+    gpurun.procs.append(job)
+    [pid_file] = wait_for(lambda: list((gpurun.state_dir / "jobs").glob("*.pid")), what="it")
+
+    assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644
+
+
 def test_odd_bytes_in_a_command_do_not_break_ps(gpurun):
     env = dict(gpurun.env, PYTHONIOENCODING="utf-8")
     result = subprocess.run([GPURUN.encode(), b"-g", b"1", b"--", b"true", b"\xff\n"], env=env)
@@ -358,3 +371,55 @@ def test_a_history_line_nested_too_deep_is_skipped_not_a_crash(gpurun):
     assert listed.returncode == 0, listed.stderr
     assert [job["id"] for job in json.loads(listed.stdout)] == [1]
     assert waited.returncode == 0, waited.stderr
+
+
+def test_no_fifo_planted_in_the_state_folder_hangs_anyone(gpurun):
+    # Every user may make files in the state folder; a FIFO where gpurun opens a file would
+    # hold the open forever, and with it every gpurun behind the ledger lock.
+    assert gpurun.run("-g", "0", "-c", "0", "--", "true").returncode == 0
+    state = gpurun.state_dir
+    server = gpurun.ledger_path().stem
+    next_id = gpurun.ledger()["next_id"]
+    for name in (
+        f"jobs/{server}.{next_id}.lock",  # the next job's lock
+        f"jobs/{server}.{next_id + 1}.lock",
+        f"logs/{server}.{next_id + 1}.log",  # the next detached job's log
+    ):
+        os.mkfifo(state / name)
+
+    ran = gpurun.run("-g", "1", "-c", "0", "--", "true", timeout=20)
+    detached = gpurun.run("-d", "-g", "1", "-c", "0", "--", "echo", "out", timeout=20)
+    job = detached.stdout.strip()
+    wait_for(lambda: gpurun.ps("-a")[-1]["state"] == "exited", what="the detached job")
+    log = gpurun.run("logs", job, timeout=20)
+
+    assert ran.returncode == 0, ran.stderr
+    assert detached.returncode == 0, detached.stderr
+    assert log.returncode == 0 and log.stdout == "out\n", log.stderr
+    assert stat.S_ISREG((state / f"logs/{server}.{job}.log").stat().st_mode)
+    # The ledger, its lock and history as FIFOs: a clear error, at once, for each command.
+    for name in (f"{server}.history.jsonl", f"{server}.json.lock", f"{server}.json"):
+        (state / name).unlink()
+        os.mkfifo(state / name)
+        for argv in (["ps", "-a"], ["status"], ["gc"], ["-g", "1", "--", "true"]):
+            result = gpurun.run(*argv, timeout=20)
+            assert result.returncode in (0, 125), (name, argv, result.stderr)
+            if result.returncode:
+                assert one_error_line(result.stderr), (name, argv)
+
+
+def test_a_file_gpurun_makes_afresh_is_its_own_whatever_was_there(tmp_path):
+    # Temporary files and logs have names others can guess, in folders others can write.
+    from gpurun.ledger import create_afresh
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "theirs").write_text("planted")
+    (tmp_path / "theirs").chmod(0o666)
+    for name in ("fifo", "theirs", "new"):
+        fd = create_afresh(str(tmp_path / name), os.O_WRONLY, 0o600)
+        os.write(fd, b"ours")
+        os.close(fd)
+
+        info = (tmp_path / name).stat()
+        assert stat.S_ISREG(info.st_mode) and info.st_mode & 0o777 == 0o600, name
+        assert (tmp_path / name).read_bytes() == b"ours", name
