@@ -74,34 +74,63 @@ def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
 
 
 def history_view(record: dict[str, object]) -> dict[str, object]:
-    """A finished job from history as `ps -a --json` shows it."""
-    keys = (
-        "id",
-        "name",
-        "user",
-        "host",
-        "pid",
-        "gpus",
-        "cpus",
-        "state",
-        "kind",
-        "command",
-        "log",
-        "reason",
-    )
-    view = {key: record.get(key) for key in keys}
-    request = record.get("request") if isinstance(record.get("request"), dict) else {}
-    view["request"] = {"gpus": request.get("gpus"), "cpus": request.get("cpus")}
-    view["priority"] = record.get("priority", 0)
-    view["time_limit"] = record.get("time_limit")
-    view["after"] = record.get("after") or []
-    started = record.get("started") or record.get("created")
-    view["started"] = iso_time(started) if isinstance(started, (int, float)) else None
-    ended = record.get("ended")
-    view["ended"] = iso_time(ended) if isinstance(ended, (int, float)) else None
-    view["elapsed"] = record.get("duration")
-    view["exit_code"] = record.get("exit_code")
+    """A finished job from history as `ps -a --json` shows it.
+
+    Every user may write the history file, so a field of the wrong kind (a text id, a
+    number of GPUs, NaN) is shown as missing rather than breaking `ps -a` for everyone."""
+    get = record.get
+    view: dict[str, object] = {"id": _whole(get("id"))}
+    for key in ("name", "user", "host"):
+        view[key] = _text(get(key))
+    view["pid"] = _whole(get("pid"))
+    view["gpus"] = _wholes(get("gpus"))
+    view["cpus"] = _wholes(get("cpus"))
+    for key in ("state", "kind"):
+        view[key] = _text(get(key))
+    command = get("command")
+    ok = type(command) is list and all(type(word) is str for word in command)
+    view["command"] = command if ok else None
+    for key in ("log", "reason"):
+        view[key] = _text(get(key))
+    request = get("request") if type(get("request")) is dict else {}
+    view["request"] = {"gpus": _whole(request.get("gpus")), "cpus": _whole(request.get("cpus"))}
+    priority = get("priority", 0)
+    view["priority"] = priority if type(priority) is int else None
+    view["time_limit"] = _seconds(get("time_limit"))
+    view["after"] = _wholes(get("after")) or []
+    started = _when(get("started")) or _when(get("created"))
+    view["started"] = iso_time(started)
+    view["ended"] = iso_time(_when(get("ended")))
+    view["elapsed"] = _seconds(get("duration"))
+    code = get("exit_code")
+    view["exit_code"] = code if type(code) is int else None
     return view
+
+
+def _whole(value: object) -> int | None:
+    return value if type(value) is int and value >= 0 else None
+
+
+def _wholes(value: object) -> list[int] | None:
+    ok = type(value) is list and all(type(v) is int and v >= 0 for v in value)
+    return value if ok else None
+
+
+def _text(value: object) -> str | None:
+    return value if type(value) is str else None
+
+
+def _when(value: object) -> float | None:
+    """A Unix time as history writes them; None for anything else."""
+    ok = type(value) in (int, float) and 0 <= value < 1e11
+    return value if ok else None
+
+
+def _seconds(value: object) -> float | None:
+    """A duration in seconds (a clock set back can make one negative); None for NaN or
+    anything else."""
+    ok = type(value) in (int, float) and -1e11 < value < 1e11
+    return value if ok else None
 
 
 def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, object]]:

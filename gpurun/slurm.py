@@ -259,6 +259,10 @@ def run_foreground(
             file_actions=[(os.POSIX_SPAWN_DUP2, write_end, 2)],
             setsigmask=(),
         )
+    except OSError as exc:  # a script whose interpreter is missing, say
+        signals.pthread_sigmask(signals.SIG_UNBLOCK, forwarded)
+        os.close(read_end)
+        raise SlurmError(srun, f"cannot start it: {exc.strerror}") from None
     finally:
         os.close(write_end)
     relay = _StderrRelay(read_end)

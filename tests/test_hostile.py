@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import GPURUN, held_ledger_lock, lease_record, one_error_line, wait_for, wait_json
 
 
@@ -371,6 +372,33 @@ def test_a_history_line_nested_too_deep_is_skipped_not_a_crash(gpurun):
     assert listed.returncode == 0, listed.stderr
     assert [job["id"] for job in json.loads(listed.stdout)] == [1]
     assert waited.returncode == 0, waited.stderr
+
+
+def test_a_history_line_of_the_wrong_kinds_shows_as_missing_not_a_crash(gpurun):
+    # Every user may write the history file: one bad line must not break `ps -a` for all.
+    assert gpurun.run("-g", "1", "--", "true").returncode == 0
+    history = gpurun.state_dir / f"{gpurun.ledger()['server']}.history.jsonl"
+    with open(history, "a") as f:
+        for line in (
+            '{"id":"x","name":3}',
+            '{"id":8,"gpus":5,"cpus":[true],"user":["u"]}',
+            '{"id":14,"duration":NaN,"started":1e300,"ended":-1}',
+            '{"id":7,"command":[1,2],"request":{"gpus":"2"},"priority":0.5}',
+            '{"id":9,"exit_code":"0","state":"exited","time_limit":Infinity}',
+        ):
+            f.write(line + "\n")
+
+    table = gpurun.run("ps", "-a")
+    listed = gpurun.run("ps", "-a", "--json")
+    ended = [gpurun.run(command, "9") for command in ("kill", "logs", "wait")]
+
+    assert table.returncode == 0, table.stderr
+    assert listed.returncode == 0, listed.stderr
+    jobs = json.loads(listed.stdout, parse_constant=lambda name: pytest.fail(name))
+    assert [job["id"] for job in jobs] == [None, 1, 7, 8, 9, 14]
+    assert [job["gpus"] for job in jobs if job["id"] == 8] == [None]
+    for result in ended:
+        assert result.returncode in (0, 125) and "internal error" not in result.stderr
 
 
 def test_no_fifo_planted_in_the_state_folder_hangs_anyone(gpurun):

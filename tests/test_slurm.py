@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import GPURUN, PROBE, read_json, wait_for, wait_json
+from conftest import GPURUN, PROBE, one_error_line, read_json, wait_for, wait_json
 
 BIN = str(Path(GPURUN).parent)
 
@@ -364,3 +364,17 @@ def test_a_slurm_launch_imports_none_of_the_heavy_modules(slurm):
     assert "gpurun.slurm" in modules
     heavy = {"subprocess", "shlex", "shutil", "contextlib", "re", "collections", "gpurun.launch"}
     assert modules & heavy == set()
+
+
+def test_an_srun_that_cannot_start_is_one_clear_line(gpurun):
+    # No cluster needed: the srun on PATH is a script whose interpreter is missing.
+    folder = gpurun.tmp / "bin"
+    folder.mkdir()
+    (folder / "srun").write_text("#!/nonexistent/interpreter\n")
+    (folder / "srun").chmod(0o755)
+    env = dict(gpurun.env, PATH=f"{folder}{os.pathsep}{gpurun.env['PATH']}")
+
+    result = gpurun.run("--backend", "slurm", "-g", "1", "--", "true", env=env)
+
+    assert result.returncode == 125, result.stderr
+    assert "cannot start it" in one_error_line(result.stderr)
