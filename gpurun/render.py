@@ -239,10 +239,12 @@ def _outside(gpu: dict[str, object]) -> str:
 
 
 def reservation_text(booked: dict[str, object]) -> str:
+    import shlex
+
     left = booked.get("expires_in")
     until = "until 'gpurun release'" if left is None else f"for {duration(left)}"
     return (
         f"gpurun: reservation {booked['id']} '{booked['name']}' on server {booked['server']}: "
         f"GPUs {_ids(booked['gpus'])}, CPUs {_cpus(booked['cpus'])}, {until}; run in it with "
-        f"'gpurun -r {booked['name']} -- COMMAND' or use these lines:"
+        f"'gpurun -r {shlex.quote(str(booked['name']))} -- COMMAND' or use these lines:"
     )

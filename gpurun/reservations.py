@@ -177,7 +177,7 @@ def find_reservation(config: Config, ref: str, server: str | None = None) -> tup
         found = by_name
     if not found:
         where = f"on server {server}" if server else "on any server"
-        raise NotFoundError(f"no live reservation '{ref}' {where}; 'gpurun status' lists them")
+        raise NotFoundError(f"no live reservation '{ref}' {where}; 'gpurun ps' lists them")
     if len(found) > 1:
         servers = ", ".join(ledger.server for ledger, _ in found)
         raise GpurunError(f"'{ref}' is a reservation on {servers}; say which with --server")
