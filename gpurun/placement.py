@@ -8,8 +8,12 @@ from __future__ import annotations
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import CapacityError
 from gpurun.gpuids import MIG_BASE
-from gpurun.ledger import Request
 from gpurun.topology import NO_TOPOLOGY, Topology
+
+# Only for annotations (see config.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gpurun.ledger import Request
 
 
 def check_possible(
