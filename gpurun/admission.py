@@ -87,13 +87,21 @@ def admit(
 
     admitted: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     ahead: list[Lease] = []
+    free_gpus = sum(1 for g in gpus if g not in held_gpus and g not in unavailable)
+    free_cpus = sum(1 for c in cpus if c not in held_cpus)
     for lease in queue_order(leases):
         if dependencies(lease) != READY:
             continue
+        request = lease.request
+        needed = request.gpus if request.gpu_ids is None else len(set(request.gpu_ids))
+        if needed > free_gpus or request.cpus > free_cpus:
+            # It cannot fit now whatever the rules, as place() would find: the usual case
+            # of a long queue on a full server, judged without the rules' look at every
+            # lease ahead, which made admission (under the lock) quadratic in the queue.
+            ahead.append(lease)
+            continue
         kept_gpus = {g for w in ahead if w.request.gpu_ids for g in w.request.gpu_ids}
         allowed = gpus if lease.gpu_mask is None else tuple(g for g in gpus if g in lease.gpu_mask)
-        free_gpus = sum(1 for g in gpus if g not in held_gpus and g not in unavailable)
-        free_cpus = sum(1 for c in cpus if c not in held_cpus)
         # First try GPUs that no job ahead is limited to, then any the ones ahead did not
         # name exactly: with masks and MIG, which GPUs a job takes decides whom it delays.
         wanted = _wanted_by(ahead, gpus) - kept_gpus
@@ -111,6 +119,8 @@ def admit(
             admitted[lease.id] = spot
             held_gpus.update(spot[0])
             held_cpus.update(spot[1])
+            free_gpus = sum(1 for g in gpus if g not in held_gpus and g not in unavailable)
+            free_cpus = sum(1 for c in cpus if c not in held_cpus)
             ends.append(
                 (now + lease.time_limit if lease.time_limit else None, len(spot[0]), len(spot[1]))
             )
