@@ -740,12 +740,14 @@ def wait_for_jobs(config: Config, ids: list[int]) -> int:
 
     results = ledger.finished_jobs(set(ids))
     for lease_id in ids:
-        record = results.get(lease_id, {})
-        code = record.get("exit_code")
-        if isinstance(code, int) and code != 0:
+        # As `ps -a` shows it: an exit code of the wrong kind (anyone may write history) is
+        # no exit code.
+        view = history_view(results[lease_id]) if lease_id in results else {}
+        code = view.get("exit_code")
+        if code is not None and code != 0:
             return code
         if code is None:
-            how = record.get("state") or "without a record in history"
-            reason = f" ({record['reason']})" if record.get("reason") else ""
+            how = view.get("state") or "without a record in history"
+            reason = f" ({view['reason']})" if view.get("reason") else ""
             raise GpurunError(f"job {lease_id} ended {how}{reason}, so it has no exit code")
     return 0

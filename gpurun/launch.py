@@ -661,6 +661,7 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
         raise GpurunError(answer.removeprefix("error ") or "the detached job could not be queued")
 
     code = 125
+    told: list[int] = []  # the job id, once the parent has it and the pipe is closed
     try:
         os.close(read_end)
         os.setsid()
@@ -671,9 +672,15 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
         def queued(entry: Lease) -> None:
             # Made afresh: logs/ is every user's, and a file or FIFO someone left under
             # this name would get (or hold up) the job's output.
-            out = create_afresh(entry.log, os.O_WRONLY | os.O_APPEND, 0o644)
+            try:
+                out = create_afresh(entry.log, os.O_WRONLY | os.O_APPEND, 0o644)
+            except OSError as exc:
+                raise GpurunError(
+                    f"cannot make the job's log {entry.log}: {exc.strerror}"
+                ) from None
             os.write(write_end, f"id {entry.id}\n".encode())
             os.close(write_end)
+            told.append(entry.id)
             os.dup2(out, 1)
             os.dup2(out, 2)
             os.close(out)
@@ -682,12 +689,13 @@ def _detach(ledger: Ledger, config: Config, spec: Spec, executable: str, argv: l
         code = run_reserved(ledger, config, lease, lock_fd, executable, argv)
     except BaseException as exc:
         message = str(exc) if isinstance(exc, GpurunError) else repr(exc)
+        # Before the job was queued the parent says it; after, the job's log gets it (the
+        # pipe's descriptor number may belong to another file by then).
         try:
-            os.write(write_end, f"error {message}\n".encode())
-        except OSError:
-            pass
-        try:
-            os.write(2, f"gpurun: {message}\n".encode())
+            if told:
+                os.write(2, f"gpurun: {message}\n".encode())
+            else:
+                os.write(write_end, f"error {message}\n".encode())
         except OSError:
             pass
     finally:

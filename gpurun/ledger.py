@@ -621,6 +621,7 @@ class Ledger:
         """
         if os.path.isdir(self.jobs_dir) and os.path.isdir(self.logs_dir):
             return
+        self.check_trusted()  # before anything is made through a link
         for folder in (self.state_dir, self.jobs_dir, self.logs_dir):
             try:
                 make_shared_dir(folder)
@@ -654,6 +655,8 @@ class Ledger:
         if self.checked:
             return
         for folder in (self.state_dir, self.jobs_dir, self.logs_dir):
+            # lstat("link/") looks through the link: the name is judged without its slashes.
+            folder = folder.rstrip("/") or "/"
             try:
                 info = os.lstat(folder)
             except FileNotFoundError:
@@ -810,10 +813,10 @@ class Ledger:
             return
         for name in names:
             try:
-                with open(os.path.join(self.state_dir, name), "rb") as f:
+                with open(open_shared(os.path.join(self.state_dir, name)), "rb") as f:
                     head = f.read(512)
             except OSError:
-                continue
+                continue  # not a ledger (a FIFO, a link, a folder): nothing to tell
             if f'"boot":"{me}"'.encode() in head:
                 other = name[: -len(".json")]
                 raise LedgerError(
@@ -1159,12 +1162,20 @@ def open_shared(path: str, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
 def create_afresh(path: str, flags: int, mode: int) -> int:
     """Create `path` as a new file of ours, removing whatever was there: a temporary name of
     this process is ours alone, so anything found there is a crash's leftover or was put
-    there to be written through (a FIFO, a file another user can read)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    there to be written through (a FIFO, a file another user can read). Raises OSError; a
+    name someone keeps making again (EBUSY) is not mistaken for one that exists (EEXIST)."""
+    for _ in range(5):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(
+                path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode
+            )
+        except FileExistsError:
+            continue  # made again between the unlink and the open
+    raise OSError(errno.EBUSY, "something keeps making this name again", path)
 
 
 def create_shared_file(path: str) -> None:

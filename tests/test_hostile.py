@@ -399,6 +399,7 @@ def test_a_history_line_of_the_wrong_kinds_shows_as_missing_not_a_crash(gpurun):
     assert [job["gpus"] for job in jobs if job["id"] == 8] == [None]
     for result in ended:
         assert result.returncode in (0, 125) and "internal error" not in result.stderr
+    assert ended[2].returncode == 125 and "no exit code" in ended[2].stderr  # "0" is no code
 
 
 def test_no_fifo_planted_in_the_state_folder_hangs_anyone(gpurun):
@@ -425,6 +426,17 @@ def test_no_fifo_planted_in_the_state_folder_hangs_anyone(gpurun):
     assert detached.returncode == 0, detached.stderr
     assert log.returncode == 0 and log.stdout == "out\n", log.stderr
     assert stat.S_ISREG((state / f"logs/{server}.{job}.log").stat().st_mode)
+    # A folder where the next detached job's log goes: one clear line, not a traceback.
+    (state / f"logs/{server}.{int(job) + 2}.log").mkdir()
+    gpurun.run("-g", "0", "-c", "0", "--", "true")
+    blocked = gpurun.run("-d", "-g", "1", "-c", "0", "--", "true", timeout=20)
+    assert blocked.returncode != 0 and "cannot make the job's log" in one_error_line(blocked.stderr)
+    # With no ledger yet, gpurun looks at the other ledgers in the folder (one of this
+    # machine under another name?): a FIFO among them is no ledger.
+    os.mkfifo(state / "planted.json")
+    (state / f"{server}.json").rename(state / "moved.bak")
+    fresh = gpurun.run("-g", "0", "-c", "0", "--", "true", timeout=20)
+    assert fresh.returncode == 0, fresh.stderr
     # The ledger, its lock and history as FIFOs: a clear error, at once, for each command.
     for name in (f"{server}.history.jsonl", f"{server}.json.lock", f"{server}.json"):
         (state / name).unlink()

@@ -151,3 +151,21 @@ def test_a_symbolic_link_in_the_state_dir_is_refused(gpurun, what):
     assert "symbolic link" in line and ("remove the link" in line or "real folder" in line)
     assert sorted(p.name for p in victim.iterdir()) == ["precious"]
     assert (victim / "precious").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_linked_state_dir_is_refused_before_anything_is_made_in_it(gpurun, slash):
+    # A fresh state dir that is a link, named with or without a trailing slash (with one,
+    # lstat looks through the link): refused by every command, with nothing made behind it.
+    victim = gpurun.tmp / "victim"
+    victim.mkdir()
+    os.symlink(victim, gpurun.tmp / "linked")
+    gpurun.write_config("gpus: 2\ncpus: auto\n")
+    env = dict(gpurun.env, GPURUN_STATE_DIR=f"{gpurun.tmp / 'linked'}{slash}")
+
+    for argv in (["-g", "1", "--", "true"], ["alloc", "box", "-g", "1"], ["gc"], ["ps"]):
+        result = gpurun.run(*argv, env=env)
+
+        assert result.returncode == 125, (argv, result.stderr)
+        assert "symbolic link" in one_error_line(result.stderr), argv
+        assert list(victim.iterdir()) == [], argv
