@@ -85,10 +85,15 @@ def admit(
         if not _never_ends(lease) and lease.reservation not in reservations
     ]
 
+    def free() -> tuple[int, int]:
+        return (
+            sum(1 for g in gpus if g not in held_gpus and g not in unavailable),
+            sum(1 for c in cpus if c not in held_cpus),
+        )
+
     admitted: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     ahead: list[Lease] = []
-    free_gpus = sum(1 for g in gpus if g not in held_gpus and g not in unavailable)
-    free_cpus = sum(1 for c in cpus if c not in held_cpus)
+    free_gpus, free_cpus = free()
     for lease in queue_order(leases):
         if dependencies(lease) != READY:
             continue
@@ -119,8 +124,7 @@ def admit(
             admitted[lease.id] = spot
             held_gpus.update(spot[0])
             held_cpus.update(spot[1])
-            free_gpus = sum(1 for g in gpus if g not in held_gpus and g not in unavailable)
-            free_cpus = sum(1 for c in cpus if c not in held_cpus)
+            free_gpus, free_cpus = free()
             ends.append(
                 (now + lease.time_limit if lease.time_limit else None, len(spot[0]), len(spot[1]))
             )

@@ -13,8 +13,27 @@ from gpurun.config import Config
 from gpurun.cpulist import format_cpulist
 from gpurun.errors import GpurunError, LedgerError, NotFoundError, RefusedError, UsageError
 from gpurun.inventory import server_inventory, server_names
-from gpurun.ledger import Holder, Lease, Ledger, State, Watcher, open_ledger, open_shared
+from gpurun.ledger import (
+    Holder,
+    Lease,
+    Ledger,
+    State,
+    Watcher,
+    _int,
+    _ints,
+    _num,
+    _signed,
+    _str,
+    _strs,
+    open_ledger,
+    open_shared,
+)
 from gpurun.log import get_logger
+
+# Only for annotations (see config.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = get_logger(__name__)
 
@@ -76,61 +95,46 @@ def lease_view(lease: Lease, alive: bool, now: float) -> dict[str, object]:
 def history_view(record: dict[str, object]) -> dict[str, object]:
     """A finished job from history as `ps -a --json` shows it.
 
-    Every user may write the history file, so a field of the wrong kind (a text id, a
-    number of GPUs, NaN) is shown as missing rather than breaking `ps -a` for everyone."""
+    Every user may write the history file, so a field the ledger's own checks refuse (a text
+    id, a number of GPUs, NaN) is shown as missing rather than breaking `ps -a` for everyone."""
     get = record.get
-    view: dict[str, object] = {"id": _whole(get("id"))}
+    view: dict[str, object] = {"id": _or_none(_int, get("id"))}
     for key in ("name", "user", "host"):
-        view[key] = _text(get(key))
-    view["pid"] = _whole(get("pid"))
-    view["gpus"] = _wholes(get("gpus"))
-    view["cpus"] = _wholes(get("cpus"))
+        view[key] = _or_none(_str, get(key))
+    view["pid"] = _or_none(_int, get("pid"))
+    view["gpus"] = _or_none(_ints, get("gpus"))
+    view["cpus"] = _or_none(_ints, get("cpus"))
     for key in ("state", "kind"):
-        view[key] = _text(get(key))
-    command = get("command")
-    ok = type(command) is list and all(type(word) is str for word in command)
-    view["command"] = command if ok else None
+        view[key] = _or_none(_str, get(key))
+    view["command"] = _or_none(_strs, get("command"))
     for key in ("log", "reason"):
-        view[key] = _text(get(key))
+        view[key] = _or_none(_str, get(key))
     request = get("request") if type(get("request")) is dict else {}
-    view["request"] = {"gpus": _whole(request.get("gpus")), "cpus": _whole(request.get("cpus"))}
-    priority = get("priority", 0)
-    view["priority"] = priority if type(priority) is int else None
-    view["time_limit"] = _seconds(get("time_limit"))
-    view["after"] = _wholes(get("after")) or []
-    started = _when(get("started")) or _when(get("created"))
+    view["request"] = {
+        "gpus": _or_none(_int, request.get("gpus")),
+        "cpus": _or_none(_int, request.get("cpus")),
+    }
+    view["priority"] = _or_none(_signed, get("priority", 0))
+    view["time_limit"] = _or_none(_num, get("time_limit"))
+    view["after"] = _or_none(_ints, get("after")) or []
+    started = _or_none(_num, get("started")) or _or_none(_num, get("created"))
     view["started"] = iso_time(started)
-    view["ended"] = iso_time(_when(get("ended")))
-    view["elapsed"] = _seconds(get("duration"))
-    code = get("exit_code")
-    view["exit_code"] = code if type(code) is int else None
+    view["ended"] = iso_time(_or_none(_num, get("ended")))
+    # A duration alone may be below 0, when the clock was set back while the job ran.
+    duration = get("duration")
+    view["elapsed"] = (
+        duration if type(duration) in (int, float) and -1e11 < duration < 1e11 else None
+    )
+    view["exit_code"] = _or_none(_signed, get("exit_code"))
     return view
 
 
-def _whole(value: object) -> int | None:
-    return value if type(value) is int and value >= 0 else None
-
-
-def _wholes(value: object) -> list[int] | None:
-    ok = type(value) is list and all(type(v) is int and v >= 0 for v in value)
-    return value if ok else None
-
-
-def _text(value: object) -> str | None:
-    return value if type(value) is str else None
-
-
-def _when(value: object) -> float | None:
-    """A Unix time as history writes them; None for anything else."""
-    ok = type(value) in (int, float) and 0 <= value < 1e11
-    return value if ok else None
-
-
-def _seconds(value: object) -> float | None:
-    """A duration in seconds (a clock set back can make one negative); None for NaN or
-    anything else."""
-    ok = type(value) in (int, float) and -1e11 < value < 1e11
-    return value if ok else None
+def _or_none(check: Callable[[object], object], value: object) -> object:
+    """`check(value)` (one of the ledger's field checks), or None where it refuses it."""
+    try:
+        return check(value)
+    except TypeError:
+        return None
 
 
 def list_jobs(config: Config, include_finished: bool = False) -> list[dict[str, object]]:

@@ -21,6 +21,11 @@ import os
 
 _boot_id: str | None = None
 
+# How a job's files are opened to be read or probed: never through a link, and never waiting,
+# as an open of a FIFO someone made in their place would, with every gpurun behind the
+# ledger lock.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
 
 def boot_id() -> str:
     """This boot's id from /proc/sys/kernel/random/boot_id ("" where the kernel has none)."""
@@ -81,9 +86,7 @@ def job_lock_held(path: str) -> bool:
     the lease (fail closed).
     """
     try:
-        # O_NONBLOCK: a FIFO someone made in its place would otherwise hold the open, and
-        # with it every gpurun behind the ledger lock.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, _READ_FLAGS)
     except FileNotFoundError:
         return False
     except OSError:
@@ -156,7 +159,7 @@ def live_ids(leases: list, lock_prefix: str, now: float) -> set[int]:
         path = f"{lock_prefix}{lease.id}.lock"
         if lease.kind == "job" and lease.boot == boot:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(path, _READ_FLAGS)
             except OSError:
                 fd = -1  # lease_alive sorts out what that means
             if fd >= 0:
@@ -213,7 +216,7 @@ def write_command_holder(path: str, pid: int, start: int) -> None:
 def read_command_holder(path: str, uid: int) -> tuple[int, int] | None:
     """The (pid, start) in a job's pid file if the file is `uid`'s, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, _READ_FLAGS)
     except OSError:
         return None
     try:
